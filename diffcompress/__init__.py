@@ -1,0 +1,1 @@
+"""Plumbing shared by every script: checkpoints, devices and processes, VAE, logging."""
