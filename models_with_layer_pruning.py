@@ -59,9 +59,7 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
         half = dim // 2
-        freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        )
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -179,12 +177,13 @@ def parse_groups(spec: str | Sequence[Sequence[int]], depth: int | None = None) 
             else:
                 groups = [[int(a), int(b)] for a, b in (part.split(":") for part in re.split(r"[,\s]+", text) if part)]
         except (ValueError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot parse groups {spec!r}: expected e.g. '[[1,2],[2,4]]' or '2:4,2:4' ({e})") from None
+            raise ValueError(
+                f"cannot parse groups {spec!r}: expected e.g. '[[1,2],[2,4]]' or '2:4,2:4' ({e})"
+            ) from None
     else:
         groups = [list(g) for g in spec]
-    if (
-        not groups
-        or not all(isinstance(g, list) and len(g) == 2 and all(isinstance(v, int) for v in g) for g in groups)
+    if not groups or not all(
+        isinstance(g, list) and len(g) == 2 and all(isinstance(v, int) for v in g) for g in groups
     ):
         raise ValueError(f"groups must be a non-empty list of [N, M] integer pairs, got {spec!r}")
     for n, m in groups:

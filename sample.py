@@ -1,8 +1,8 @@
 """Sample a grid of images from a DiT (plain or pruned) and save it as a PNG.
 
-    python sample.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --vae ema --image-size 256
-    python sample.py --model DiT-D14/2 --ckpt TinyDiT-D14-MaskedKD-500K.pt --vae ema
-    python sample.py --model DiT-S/2 --image-size 32 --vae none --num-classes 10   # random weights, pixels
+python sample.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --vae ema --image-size 256
+python sample.py --model DiT-D14/2 --ckpt TinyDiT-D14-MaskedKD-500K.pt --vae ema
+python sample.py --model DiT-S/2 --image-size 32 --vae none --num-classes 10   # random weights, pixels
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torchvision.utils import save_image
 
 from diffcompress.checkpoint import load_dit_weights
+from diffcompress.cli import run
 from diffcompress.distributed import autocast, resolve_precision, setup_distributed
 from diffcompress.vae import load_vae
 from diffusion import create_diffusion
@@ -97,7 +98,14 @@ def main(args: argparse.Namespace) -> Path:
     loop = diffusion.p_sample_loop if args.sampler == "ddpm" else diffusion.ddim_sample_loop
     start = time.perf_counter()
     samples = loop(
-        model_fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs, progress=True, device=device, generator=generator
+        model_fn,
+        z.shape,
+        z,
+        clip_denoised=False,
+        model_kwargs=kwargs,
+        progress=True,
+        device=device,
+        generator=generator,
     )
     elapsed = time.perf_counter() - start
     samples = samples[:n]
@@ -110,4 +118,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(lambda: main(parse_args()))

@@ -35,6 +35,8 @@ class CheckpointError(RuntimeError):
 def load_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint file into a dict (tensors on CPU) without running any code from it."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory, expected a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if path.stat().st_size == 0:
@@ -46,21 +48,23 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
         try:
             return load_safetensors(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file ({_first_line(e)})") from None
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is not a readable safetensors file ({_first_line(e)})"
+            ) from None
     try:
         # argparse.Namespace is a plain attribute bag: allowed so training checkpoints that store
         # their arguments (the original DiT train.py does) load under weights_only.
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e):  # a class or function reference: code we will not run
             raise CheckpointError(
                 f"checkpoint {str(path)!r} holds Python objects other than tensors; refusing to unpickle code "
                 f"from it (re-save it as a plain state dict: torch.save(model.state_dict(), ...))"
             ) from None
-        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt ({_first_line(e)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt ({_first_line(e)})") from None
+        raise CheckpointError(_corrupt_message(path, e)) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as e:
+        raise CheckpointError(_corrupt_message(path, e)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict of tensors")
     return obj
@@ -87,10 +91,18 @@ def load_state_dict(path: str | os.PathLike, use_ema: bool = True) -> StateDict:
     return select_state_dict(load_file(path), use_ema=use_ema, source=f"checkpoint {str(path)!r}")
 
 
+def _corrupt_message(path: Path, e: BaseException) -> str:
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        return f"checkpoint {str(path)!r} is a Git LFS pointer, not the weights: fetch it with 'git lfs pull'"
+    return f"checkpoint {str(path)!r} is truncated or corrupt ({_first_line(e)})"
+
+
 def _strip_prefixes(key: str) -> str:
     for prefix in ("module.", "_orig_mod."):
         while key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     return key
 
 
@@ -137,7 +149,9 @@ def load_dit_weights(model: torch.nn.Module, source: str | os.PathLike | StateDi
     mismatch raises a one-line CheckpointError naming the keys and the ``--model`` that fits the file.
     """
     name = "state dict" if isinstance(source, dict) else f"checkpoint {str(source)!r}"
-    state_dict = select_state_dict(source, use_ema, name) if isinstance(source, dict) else load_state_dict(source, use_ema)
+    state_dict = (
+        select_state_dict(source, use_ema, name) if isinstance(source, dict) else load_state_dict(source, use_ema)
+    )
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict and not k.startswith("gate_logits")]
     unexpected = [k for k in state_dict if k not in own]
@@ -157,7 +171,9 @@ def load_dit_weights(model: torch.nn.Module, source: str | os.PathLike | StateDi
         try:
             cfg = infer_dit_config(state_dict)
             fit = suggest_model(state_dict)
-            hint = f"; the file holds a DiT of depth {cfg['depth']}, width {cfg['hidden_size']}, patch {cfg['patch_size']}"
+            hint = (
+                f"; the file holds a DiT of depth {cfg['depth']}, width {cfg['hidden_size']}, patch {cfg['patch_size']}"
+            )
             hint += f", input {cfg['input_size']}" + (f": use --model {fit}" if fit else "")
         except CheckpointError:
             pass
@@ -213,6 +229,8 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike, metadata: dict
         raise
     if metadata is not None:
         _write_text_atomic(metadata_path(path), json.dumps(metadata, indent=2) + "\n")
+    else:  # a stale sidecar would describe the previous file
+        metadata_path(path).unlink(missing_ok=True)
     return path
 
 

@@ -127,13 +127,17 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 # ------------------------------------------------------------------------------------------ logging
 
 
-def get_logger(name: str = "diffcompress", log_dir: str | os.PathLike | None = None, rank: int | None = None) -> logging.Logger:
+def get_logger(
+    name: str = "diffcompress", log_dir: str | os.PathLike | None = None, rank: int | None = None
+) -> logging.Logger:
     """A logger that prints (and writes ``log_dir/log.txt``) on rank 0 and stays silent elsewhere."""
     if rank is None:
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     logger = logging.getLogger(f"{name}.rank{rank}")
     logger.propagate = False
-    logger.handlers.clear()
+    for h in list(logger.handlers):
+        h.close()
+        logger.removeHandler(h)
     if rank != 0:
         logger.addHandler(logging.NullHandler())
         return logger

@@ -53,7 +53,9 @@ def load_vae(spec: str, device: torch.device | str = "cpu") -> PixelCodec | VAEC
     local = Path(spec)
     if local.exists():
         if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"--vae {spec}: the folder has no config.json (expected a diffusers AutoencoderKL folder)")
+            raise FileNotFoundError(
+                f"--vae {spec}: the folder has no config.json (expected a diffusers AutoencoderKL folder)"
+            )
         return VAECodec(AutoencoderKL.from_pretrained(local).to(device), str(local))
     repo = HUB_VAES.get(spec, spec)
     try:

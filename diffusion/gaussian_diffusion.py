@@ -10,6 +10,7 @@ maps the respaced indices back to the original timesteps the network was trained
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -158,7 +159,9 @@ class GaussianDiffusion:
         C = x.shape[1]
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
             if model_output.shape[1] != 2 * C:
-                raise ValueError(f"a learned variance needs {2 * C} output channels, the model gave {model_output.shape[1]}")
+                raise ValueError(
+                    f"a learned variance needs {2 * C} output channels, the model gave {model_output.shape[1]}"
+                )
             model_output, var_values = model_output[:, :C], model_output[:, C:]
             if self.model_var_type == ModelVarType.LEARNED:
                 log_variance = var_values
@@ -227,21 +230,22 @@ class GaussianDiffusion:
         device=None, progress=False, generator: torch.Generator | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Ancestral sampling from pure noise (or ``noise``) to x_0."""
-        final = None
-        for final in self.p_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, generator
-        ):
-            pass
+        (final,) = deque(
+            self.p_sample_loop_progressive(
+                model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, generator
+            ),
+            maxlen=1,
+        )  # keep only the last step
         return final["sample"]
 
     def p_sample_loop_progressive(
         self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
         device=None, progress=False, generator: torch.Generator | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip
-        yield from self._loop(
-            lambda x, t: self.p_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, generator),
-            shape, noise, device, progress, generator,
-        )  # fmt: skip
+        def step(x, t):
+            return self.p_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, generator)
+
+        yield from self._loop(step, shape, noise, device, progress, generator)
 
     def ddim_sample(
         self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0,
@@ -274,21 +278,22 @@ class GaussianDiffusion:
         self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
         device=None, progress=False, eta=0.0, generator: torch.Generator | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        final = None
-        for final in self.ddim_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta, generator
-        ):
-            pass
+        (final,) = deque(
+            self.ddim_sample_loop_progressive(
+                model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta, generator
+            ),
+            maxlen=1,
+        )
         return final["sample"]
 
     def ddim_sample_loop_progressive(
         self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
         device=None, progress=False, eta=0.0, generator: torch.Generator | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip
-        yield from self._loop(
-            lambda x, t: self.ddim_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta, generator),
-            shape, noise, device, progress, generator,
-        )  # fmt: skip
+        def step(x, t):
+            return self.ddim_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta, generator)
+
+        yield from self._loop(step, shape, noise, device, progress, generator)
 
     def _loop(self, step, shape, noise, device, progress, generator) -> Iterator[dict[str, torch.Tensor]]:
         if device is None:

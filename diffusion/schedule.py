@@ -13,6 +13,7 @@ def get_named_beta_schedule(name: str, num_diffusion_timesteps: int) -> np.ndarr
         scale = 1000 / num_diffusion_timesteps
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if name in ("cosine", "squaredcos_cap_v2"):
+
         def alpha_bar(t: float) -> float:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -31,7 +32,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
+            desired = int(section_counts[len("ddim") :])
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return set(range(0, num_timesteps, stride))
