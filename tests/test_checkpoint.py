@@ -201,3 +201,33 @@ def test_summarize_keys_compacts_block_ranges():
     summary = summarize_keys(keys)
     assert summary == "6 keys (blocks.2-4,7.*, pos_embed)"
     assert summarize_keys(["blocks.5.x"]) == "1 key (blocks.5.*)"
+
+
+# ------------------------------------------------------------------------------------------ regressions
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 2700000000\n", "Git LFS pointer"),
+        (b"<html><body>404 Not Found</body></html>", "truncated or corrupt"),
+        (b"hello world" * 10, "truncated or corrupt"),
+    ],
+)
+def test_non_checkpoint_files_are_not_called_unsafe(tmp_path, content, expected):
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    msg = load_error(tiny(), path)
+    assert expected in msg and "Python objects" not in msg
+
+
+def test_directory_is_reported_as_such(tmp_path):
+    assert "is a directory" in load_error(tiny(), tmp_path)
+
+
+def test_resave_without_metadata_removes_stale_sidecar(tmp_path):
+    model = tiny()
+    path = save_pruned(pruned_state_dict(model.state_dict(), [0, 1]), tmp_path / "p.pt", [0, 1], "tiny")
+    assert read_metadata(path)["kept_indices"] == [0, 1]
+    save_checkpoint(model.state_dict(), path)
+    assert read_metadata(path) is None
