@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Torch may use every core; the test suite runs in one process.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format clean
 
 setup: $(STAMP)
 

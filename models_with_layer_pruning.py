@@ -464,7 +464,8 @@ def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
 # Registry
 # --------------------------------------------------------------------------------------------------
 
-_WIDTHS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+# Ti (DeiT-Tiny widths) is not in the paper: a small model for CPU demos and tests.
+_WIDTHS = {"Ti": (12, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 _SHALLOW_XL = (19, 14, 7)
 # Learnable-pruning variants: (source depth, groups) at XL width, patch 2.
 _LEARNABLE = {

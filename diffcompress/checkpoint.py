@@ -22,10 +22,12 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
+
 StateDict = dict[str, torch.Tensor]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint cannot be read or does not fit the model; the message is one line for the user."""
 
 

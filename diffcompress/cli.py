@@ -6,9 +6,9 @@ import os
 import sys
 from collections.abc import Callable
 
-from .checkpoint import CheckpointError
+from .errors import UserError
 
-USER_ERRORS = (CheckpointError, ValueError, FileNotFoundError)
+USER_ERRORS = (UserError, ValueError, FileNotFoundError)
 
 
 def run(main: Callable[[], object]) -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 LATENT_SCALE = 0.18215
 HUB_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 
@@ -17,7 +19,7 @@ class PixelCodec:
     downsample = 1
     name = "none"
 
-    def encode(self, images: torch.Tensor, sample: bool = True) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         return images
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -27,17 +29,19 @@ class PixelCodec:
 class VAECodec:
     """A diffusers AutoencoderKL: images in [-1, 1] -> latents x 0.18215, and back."""
 
-    downsample = 8
-
     def __init__(self, vae: torch.nn.Module, name: str):
         self.vae = vae.eval().requires_grad_(False)
         self.channels = vae.config.latent_channels
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for the SD VAE
         self.name = name
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, sample: bool = True) -> torch.Tensor:
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        return (dist.sample() if sample else dist.mode()).float() * LATENT_SCALE
+    def encode(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """A sample of the latent distribution, mean + std * noise (``noise`` default: fresh N(0, 1))."""
+        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+        if noise is None:
+            noise = torch.randn_like(dist.mean)
+        return (dist.mean + dist.std * noise.to(dist.mean)).float() * LATENT_SCALE
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -61,7 +65,7 @@ def load_vae(spec: str, device: torch.device | str = "cpu") -> PixelCodec | VAEC
     try:
         vae = AutoencoderKL.from_pretrained(repo)
     except Exception as e:  # offline, unknown id, or a partial download: one clear line
-        raise RuntimeError(
+        raise UserError(
             f"--vae {spec}: could not load {repo!r} from the hub ({type(e).__name__}). Without network, download it "
             f"elsewhere (huggingface-cli download {repo} --local-dir vae/) and pass --vae vae/, or use --vae none"
         ) from None
