@@ -212,3 +212,10 @@ def test_load_weight_of_wrong_model_raises_checkpoint_error(features, tmp_path):
     torch.save(create_model("DiT-B/4", input_size=8, num_classes=4).state_dict(), wrong)
     with pytest.raises(CheckpointError, match="mis-shaped"):
         run_train(features, tmp_path, "--max-steps", "1", "--load-weight", str(wrong))
+
+
+def test_epochs_and_keep_last(features, tmp_path):
+    result = run_train(features, tmp_path, "--epochs", "1", "--ckpt-every", "1", "--keep-last", "2")
+    assert result.train_steps == 48 // 8  # one epoch of full global batches
+    names = sorted(p.name for p in (result.experiment_dir / "checkpoints").iterdir())
+    assert names == ["0000005.pt", "0000006.pt"]
