@@ -142,6 +142,7 @@ class TrainResult:
     preempted: bool = False
     skipped_steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    ema: torch.nn.Module | None = None
 
 
 class _Preemption:
@@ -164,6 +165,15 @@ class _Preemption:
             signal.signal(sig, handler)
 
 
+def total_steps(args: argparse.Namespace, dataset_size: int) -> int:
+    """--max-steps, or --epochs of full global batches."""
+    if args.max_steps is not None:
+        return args.max_steps
+    if args.epochs is not None:
+        return args.epochs * (dataset_size // args.global_batch_size)
+    raise TrainingError("give --max-steps or --epochs")
+
+
 def experiment_dir(args: argparse.Namespace) -> Path:
     return Path(args.results_dir) / f"{args.prefix}-{args.model.replace('/', '-')}"
 
@@ -182,12 +192,14 @@ def train(
     param_groups: Iterable[dict[str, Any]] | None = None,
     on_log: Callable[[int, dict[str, float], torch.nn.Module, torch.nn.Module], None] | None = None,
     extra_state: Callable[[], dict[str, Any]] | None = None,
+    restore_extra: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` (items: features, label) by minimising ``objective``.
 
     ``param_groups``: optimiser groups (default: every parameter that requires grad), each may carry
     an ``lr`` (the schedule scales every group alike). ``on_log(step, metrics, model, ema)`` runs on
-    every rank at each log interval. ``extra_state()`` adds entries to each checkpoint.
+    every rank at each log interval. ``extra_state()`` adds entries to each checkpoint, and
+    ``restore_extra(checkpoint)`` gets them back on resume.
     """
     device = info.device
     precision = resolve_precision(args.precision, device)
@@ -201,12 +213,7 @@ def train(
             f"the dataset has {len(dataset)} samples, fewer than --global-batch-size {args.global_batch_size}"
         )
     sampler = StepSampler(len(dataset), args.global_batch_size, info.rank, info.world_size, args.global_seed)
-    if args.max_steps is not None:
-        max_steps = args.max_steps
-    elif args.epochs is not None:
-        max_steps = args.epochs * sampler.steps_per_epoch
-    else:
-        raise TrainingError("give --max-steps or --epochs")
+    max_steps = total_steps(args, len(dataset))
 
     model.to(device)
     if args.grad_checkpointing:
@@ -243,6 +250,8 @@ def train(
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         train_steps = int(state["train_steps"])
+        if restore_extra is not None:
+            restore_extra(state)
         logger.info(f"resumed from {resume_path} at step {train_steps}")
         del state
 
@@ -366,7 +375,7 @@ def train(
     if info.is_main:
         state = "preempted" if preempted else "done"
         logger.info(f"{state} at step {train_steps}; experiment folder {exp_dir}, last checkpoint {last_ckpt}")
-    return TrainResult(train_steps, last_ckpt, exp_dir, preempted, nan_total, history)
+    return TrainResult(train_steps, last_ckpt, exp_dir, preempted, nan_total, history, ema)
 
 
 def _mean_over_ranks(x: torch.Tensor, info: DistInfo) -> float:

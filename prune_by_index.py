@@ -1,0 +1,152 @@
+"""Depth-prune a DiT by a fixed choice of blocks: an explicit list, the BK-SDM oracle, or a random N:M pattern.
+
+    python prune_by_index.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --kept-indices oracle \
+        --save-model pruned/oracle-D14.pt                    # [0,2,4,6,8,10,12,15,17,19,21,23,25,27]
+    python prune_by_index.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --kept-indices "[0,2,4,...]" \
+        --save-model pruned/custom.pt
+    python prune_by_index.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --kept-indices random --groups 2:4 \
+        --seed 3 --save-model pruned/random-2-4.pt
+
+--kept-indices:
+  a list      "[0,2,4]", "0,2,4" or "0 2 4": the blocks to keep (sorted; blocks keep their order).
+  oracle      the k = --target-depth (default: half the depth) blocks evenly spaced from the first to the
+              last, block round((D - 1) * i / (k - 1)) for i = 0..k-1, halves rounded up. For 28 -> 14 this is
+              exactly BK-SDM's list above, the "Oracle" row of TinyFusion; needs 2 <= k < D.
+  random      for every group of --groups (default "1:2", tiling the depth), one of its C(M, N) keep-patterns,
+              uniformly at random from --seed.
+The output is a plain state dict of the kept blocks renumbered 0..k-1 (the original repositories load it),
+with the kept indices, source model and method in ``<file>.json``; fine-tune it with train.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+import numpy as np
+
+from diffcompress.checkpoint import infer_dit_config, load_dit_weights, load_state_dict, save_pruned, suggest_model
+from diffcompress.cli import run
+from models_with_layer_pruning import DiT_models, Groups, check_kept_indices, create_model, keep_patterns, parse_groups
+
+PLAIN_MODELS = [name for name, build in DiT_models.items() if build.arch["groups"] is None]
+BK_SDM_D14 = [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27]  # what oracle_indices(28, 14) returns
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=PLAIN_MODELS, default="DiT-XL/2", help="the source model's registry name")
+    p.add_argument("--ckpt", required=True, help="source weights (state dict, training checkpoint or safetensors)")
+    p.add_argument("--no-ema", action="store_true", help="use 'model' instead of 'ema' from a training checkpoint")
+    p.add_argument("--kept-indices", required=True, help="a list like '[0,2,4]' or '0,2,4' | oracle | random")
+    p.add_argument("--target-depth", type=int, default=None, help="oracle: blocks to keep (default: depth // 2)")
+    p.add_argument("--groups", default="1:2", help="random: N:M groups, e.g. '1:2' (tiled), '2:4,2:4' or '[[1,2]]'")
+    p.add_argument("--seed", type=int, default=0, help="random: seeds the choice of patterns")
+    p.add_argument("--save-model", default=None, help="output path of the pruned state dict (.pt or .safetensors)")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------ selection
+
+
+def parse_index_list(text: str) -> list[int]:
+    """'[0,2,4]', '(0, 2, 4)', '0,2,4' or '0 2 4' -> [0, 2, 4]; anything else is a ValueError."""
+    body = text.strip()
+    if body[:1] in ("[", "(") and body[-1:] in ("]", ")"):
+        body = body[1:-1]
+    parts = [part for part in re.split(r"[,\s]+", body) if part]
+    try:
+        kept = [int(part) for part in parts]
+    except ValueError:
+        kept = []
+    if not kept:
+        raise ValueError(
+            f"--kept-indices {text!r} is not a list of block indices: expected e.g. '[0,2,4]' or '0,2,4', "
+            f"or 'oracle' or 'random'"
+        )
+    return kept
+
+
+def oracle_indices(depth: int, target_depth: int) -> list[int]:
+    """``target_depth`` blocks evenly spaced from the first to the last one (BK-SDM's list for 28 -> 14)."""
+    if not 2 <= target_depth < depth:
+        raise ValueError(
+            f"oracle: --target-depth {target_depth} does not fit a model of depth {depth}: keep between 2 and "
+            f"{depth - 1} blocks (the oracle keeps the first and the last block)"
+        )
+    step = (depth - 1) / (target_depth - 1)  # >= 1, so the rounded positions are distinct
+    return [math.floor(i * step + 0.5) for i in range(target_depth)]
+
+
+def random_indices(groups: Groups, seed: int) -> list[int]:
+    """One keep-pattern per [N, M] group, each of its C(M, N) patterns equally likely; global indices, ascending."""
+    rng = np.random.default_rng(seed)
+    kept, offset = [], 0
+    for n, m in groups:
+        patterns = keep_patterns(n, m)
+        choice = patterns[int(rng.integers(len(patterns)))]
+        kept += [offset + j for j in choice.nonzero().flatten().tolist()]
+        offset += m
+    return kept
+
+
+def select_indices(args: argparse.Namespace, depth: int) -> tuple[list[int], str, Groups | None]:
+    """(kept indices ascending, method name, groups or None) for ``--kept-indices`` on a model of ``depth``."""
+    spec = args.kept_indices.strip().lower()
+    groups = None
+    if spec == "oracle":
+        kept, method = oracle_indices(depth, depth // 2 if args.target_depth is None else args.target_depth), "oracle"
+    elif spec == "random":
+        groups = parse_groups(args.groups, depth)
+        kept, method = random_indices(groups, args.seed), "random"
+    else:
+        kept, method = parse_index_list(args.kept_indices), "index"
+        try:
+            check_kept_indices(kept, depth)
+        except ValueError as e:
+            raise ValueError(f"--kept-indices {args.kept_indices!r}: {e}") from None
+        if kept != sorted(kept):
+            print(f"note: sorted the kept indices to {sorted(kept)} (blocks keep their order)")
+            kept = sorted(kept)
+    if len(kept) == depth:
+        raise ValueError(f"--kept-indices {args.kept_indices!r} keeps all {depth} blocks: nothing to prune")
+    if args.target_depth is not None and len(kept) != args.target_depth:
+        raise ValueError(f"--kept-indices {args.kept_indices!r} keeps {len(kept)} blocks, --target-depth says "
+                         f"{args.target_depth}")  # fmt: skip
+    return kept, method, groups
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(args: argparse.Namespace) -> list[int]:
+    kept, method, groups = select_indices(args, DiT_models[args.model].arch["depth"])  # fail fast, before loading
+    state_dict = load_state_dict(args.ckpt, use_ema=not args.no_ema)
+    cfg = infer_dit_config(state_dict)
+    model = create_model(
+        args.model, input_size=cfg["input_size"], in_channels=cfg["in_channels"], learn_sigma=cfg["learn_sigma"],
+        num_classes=cfg["num_embeddings"] - 1,  # DiT trains with label dropout: the last row is the null class
+    )  # fmt: skip
+    load_dit_weights(model, state_dict)  # strict; a wrong --model gets a one-line error naming the right one
+    shallow = model.pruned(kept)
+    print(f"kept indices ({method}{f', groups {groups}, seed {args.seed}' if groups else ''}): {kept}")
+    print(f"removed indices: {[i for i in range(model.depth) if i not in kept]}")
+    before, after = model.num_params(), shallow.num_params()
+    print(f"{args.model}: {model.depth} -> {len(kept)} blocks, params {before / 1e6:.2f}M -> {after / 1e6:.2f}M")
+    pruned = shallow.state_dict()
+    fit = suggest_model(pruned)
+    use = f"--model {fit}" if fit else f"a {len(kept)}-block {args.model} (no registered name has this depth)"
+    if args.save_model:
+        path = save_pruned(
+            pruned, args.save_model, kept_indices=kept, source_model=args.model, groups=groups, method=method,
+            seed=args.seed if method == "random" else None, source_ckpt=str(args.ckpt),
+        )  # fmt: skip
+        print(f"saved the pruned model to {path} (kept indices in {path}.json); load it as {use}")
+    else:
+        print(f"no --save-model given: nothing written (the result would load as {use})")
+    return kept
+
+
+if __name__ == "__main__":
+    run(lambda: main(parse_args()))
