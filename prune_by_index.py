@@ -26,7 +26,7 @@ import re
 
 import numpy as np
 
-from diffcompress.checkpoint import infer_dit_config, load_dit_weights, load_state_dict, save_pruned, suggest_model
+from diffcompress.checkpoint import infer_dit_config, load_dit_weights, load_state_dict, model_hint, save_pruned
 from diffcompress.cli import run
 from models_with_layer_pruning import DiT_models, Groups, check_kept_indices, create_model, keep_patterns, parse_groups
 
@@ -135,16 +135,15 @@ def main(args: argparse.Namespace) -> list[int]:
     before, after = model.num_params(), shallow.num_params()
     print(f"{args.model}: {model.depth} -> {len(kept)} blocks, params {before / 1e6:.2f}M -> {after / 1e6:.2f}M")
     pruned = shallow.state_dict()
-    fit = suggest_model(pruned)
-    use = f"--model {fit}" if fit else f"a {len(kept)}-block {args.model} (no registered name has this depth)"
     if args.save_model:
         path = save_pruned(
             pruned, args.save_model, kept_indices=kept, source_model=args.model, groups=groups, method=method,
             seed=args.seed if method == "random" else None, source_ckpt=str(args.ckpt),
         )  # fmt: skip
-        print(f"saved the pruned model to {path} (kept indices in {path}.json); load it as {use}")
+        print(f"saved the pruned model to {path} (kept indices in {path}.json)")
     else:
-        print(f"no --save-model given: nothing written (the result would load as {use})")
+        print("no --save-model given: nothing written")
+    print(model_hint(pruned, args.model))
     return kept
 
 

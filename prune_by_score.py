@@ -21,6 +21,7 @@ source model in ``<file>.json``; fine-tune it with train.py.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from diffcompress.checkpoint import load_dit_weights, save_pruned, suggest_model
+from diffcompress.checkpoint import load_dit_weights, model_hint, save_pruned
 from diffcompress.cli import run
 from diffcompress.data import CroppedImages, FeatureDataset, ImageFolderIndex, collate_images
 from diffcompress.errors import UserError
@@ -78,7 +79,7 @@ def is_feature_folder(path: Path) -> bool:
 @dataclass
 class Calibration:
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]]  # (x0 [B, C, H, W], labels [B]), lazily
-    count: int
+    labels: torch.Tensor  # of every chosen sample, known before any encoding: checked up front
     channels: int
     latent_size: int
     source: str
@@ -92,14 +93,14 @@ def feature_calibration(args: argparse.Namespace, generator: torch.Generator) ->
             f"--image-size {args.image_size} does not fit the {latent}x{latent} features in {args.data_path}"
         )
     chosen = _subset(len(dataset), args.nsamples, generator)
-
-    def batches():
-        for start in range(0, len(chosen), args.batch_size):
-            items = [dataset[i] for i in chosen[start : start + args.batch_size]]
-            yield torch.stack([x[0] for x, _ in items]), torch.tensor([y for _, y in items])  # view 0: un-flipped
-
+    items = [dataset[i] for i in chosen]  # --nsamples latents: small enough to hold
+    x0 = torch.stack([x[0] for x, _ in items])  # view 0: the un-flipped image
+    labels = torch.tensor([y for _, y in items])
+    batches = (
+        (x0[i : i + args.batch_size], labels[i : i + args.batch_size]) for i in range(0, len(x0), args.batch_size)
+    )
     source = f"features {args.data_path} ({dataset.layout} layout, view 0)"
-    return Calibration(batches(), len(chosen), channels, latent, source)
+    return Calibration(batches, labels, channels, latent, source)
 
 
 def image_calibration(args: argparse.Namespace, generator: torch.Generator, device: torch.device) -> Calibration:
@@ -128,7 +129,8 @@ def image_calibration(args: argparse.Namespace, generator: torch.Generator, devi
                 noise = torch.randn((len(images), codec.channels, latent, latent), generator=generator)
                 yield codec.encode(images, noise=noise.to(device)).float().cpu(), batch["label"]
 
-    return Calibration(batches(), len(chosen), codec.channels, latent, f"images {args.data_path} via --vae {args.vae}")
+    labels = torch.from_numpy(index.labels[chosen])
+    return Calibration(batches(), labels, codec.channels, latent, f"images {args.data_path} via --vae {args.vae}")
 
 
 def _subset(size: int, nsamples: int, generator: torch.Generator) -> list[int]:
@@ -172,9 +174,14 @@ class BlockInfluence:
 
 @torch.no_grad()
 def block_influence(
-    model: DiT, calibration: Calibration, generator: torch.Generator, device: torch.device, legacy: bool = False
-) -> list[float]:
-    """BI of every block of ``model`` (eval mode) over the calibration batches.
+    model: DiT,
+    calibration: Calibration,
+    generator: torch.Generator,
+    device: torch.device,
+    legacy: bool = False,
+    batch_size: int = 32,
+) -> tuple[list[float], int]:
+    """(BI of every block of ``model`` in eval mode, samples seen) over the calibration batches.
 
     Default: x_t = q_sample(x_0, t, noise) with t ~ U{0..999} (the model's whole diffusion). ``legacy``: the
     clean x_0 goes straight in with t ~ U{0..249}, as the TinyFusion authors' script did.
@@ -182,10 +189,11 @@ def block_influence(
     model.eval()
     diffusion = create_diffusion("")
     meter = BlockInfluence(model)
+    seen = 0
     try:
-        for x0, y in tqdm(calibration.batches, desc="calibration", unit="batch"):
-            if int(y.max()) >= model.num_classes:
-                raise ValueError(f"the data holds label {int(y.max())}, beyond --num-classes {model.num_classes}")
+        total = math.ceil(len(calibration.labels) / batch_size)
+        for x0, y in tqdm(calibration.batches, desc="calibration", unit="batch", total=total):
+            seen += len(x0)
             if legacy:
                 t = torch.randint(0, LEGACY_T_MAX, (len(x0),), generator=generator)
                 x = x0
@@ -195,7 +203,9 @@ def block_influence(
             model(x.to(device), t.to(device), y.to(device))
     finally:
         meter.remove()
-    return meter.scores()
+    if not seen:
+        raise ValueError("no calibration sample could be read")
+    return meter.scores(), seen
 
 
 def select_blocks(scores: list[float], n_pruned: int) -> tuple[list[int], list[int]]:
@@ -217,6 +227,7 @@ def select_blocks(scores: list[float], n_pruned: int) -> tuple[list[int], list[i
 @dataclass
 class ScoreResult:
     scores: list[float]
+    nsamples: int
     kept: list[int]
     removed: list[int]
     params_before: int
@@ -246,6 +257,10 @@ def main(args: argparse.Namespace) -> ScoreResult:
         calibration = feature_calibration(args, generator)
     else:
         calibration = image_calibration(args, generator, device)
+    if int(calibration.labels.max()) >= args.num_classes:
+        raise ValueError(
+            f"the data holds label {int(calibration.labels.max())}, beyond --num-classes {args.num_classes}"
+        )
     model = create_model(
         args.model, input_size=calibration.latent_size, num_classes=args.num_classes, in_channels=calibration.channels
     )
@@ -257,8 +272,9 @@ def main(args: argparse.Namespace) -> ScoreResult:
         if args.legacy_bi
         else "noised latents q_sample(x0, t), t ~ U[0, 1000)"
     )
-    print(f"scoring {depth} blocks of {args.model} on {calibration.count} samples of {calibration.source}: {inputs}")
-    scores = block_influence(model, calibration, generator, device, legacy=args.legacy_bi)
+    count = len(calibration.labels)
+    print(f"scoring {depth} blocks of {args.model} on {count} samples of {calibration.source}: {inputs}")
+    scores, count = block_influence(model, calibration, generator, device, args.legacy_bi, args.batch_size)
     kept, removed = select_blocks(scores, args.n_pruned)
 
     print(f"{'block':>5}  {'BI':>10}  decision")
@@ -276,15 +292,14 @@ def main(args: argparse.Namespace) -> ScoreResult:
         state_dict = {k: v.cpu() for k, v in shallow.state_dict().items()}
         path = save_pruned(
             state_dict, args.save_model, kept_indices=kept, source_model=args.model, method="bi-score",
-            scores=scores, removed_indices=removed, legacy_bi=args.legacy_bi, nsamples=calibration.count,
+            scores=scores, removed_indices=removed, legacy_bi=args.legacy_bi, nsamples=count,
             calibration_inputs=inputs, seed=args.seed, source_ckpt=str(args.ckpt), data_path=str(args.data_path),
         )  # fmt: skip
-        fit = suggest_model(state_dict)
-        use = f"--model {fit}" if fit else f"a {len(kept)}-block {args.model} (no registered name has this depth)"
-        print(f"saved the pruned model to {path} (kept indices and scores in {path}.json); load it as {use}")
+        print(f"saved the pruned model to {path} (kept indices and scores in {path}.json)")
+        print(model_hint(state_dict, args.model))
     else:
         print("no --save-model given: nothing written")
-    return ScoreResult(scores, kept, removed, before, after, path)
+    return ScoreResult(scores, count, kept, removed, before, after, path)
 
 
 if __name__ == "__main__":

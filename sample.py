@@ -27,6 +27,7 @@ DEFAULT_IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(DiT_models), default="DiT-XL/2")
+    p.add_argument("--depth", type=int, default=None, help="override the model's depth (a model pruned from it)")
     p.add_argument("--groups", default=None, help="custom N:M groups for a prunable model, e.g. '[[1,2],[2,4]]'")
     p.add_argument("--ckpt", default=None, help="checkpoint (state dict, training checkpoint or safetensors)")
     p.add_argument("--no-ema", action="store_true", help="use 'model' instead of 'ema' from a training checkpoint")
@@ -68,9 +69,11 @@ def main(args: argparse.Namespace) -> Path:
     if args.image_size % codec.downsample:
         raise SystemExit(f"--image-size {args.image_size} must be divisible by the VAE's factor {codec.downsample}")
     latent_size = args.image_size // codec.downsample
+    depth = {"depth": args.depth} if args.depth else {}
     model = create_model(
-        args.model, groups=args.groups, input_size=latent_size, num_classes=args.num_classes, in_channels=codec.channels
-    ).to(device)
+        args.model, groups=args.groups, input_size=latent_size, num_classes=args.num_classes,
+        in_channels=codec.channels, **depth,
+    ).to(device)  # fmt: skip
     if args.ckpt:
         load_dit_weights(model, args.ckpt, use_ema=not args.no_ema)
     else:

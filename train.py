@@ -26,6 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(DiT_models), default="DiT-XL/2")
     p.add_argument("--data-path", required=True, help="extracted features (either layout of extract_features.py)")
+    p.add_argument("--depth", type=int, default=None, help="override the model's depth (a model pruned from it)")
     p.add_argument("--load-weight", default=None, help="initial weights: a full or pruned checkpoint")
     p.add_argument("--image-size", type=int, default=None, help="checked against the features (latents = size / 8)")
     p.add_argument("--num-classes", type=int, default=1000)
@@ -57,7 +58,8 @@ def main(args: argparse.Namespace) -> TrainResult:
         raise ValueError(
             f"{args.data_path} has {dataset.num_classes} classes, more than --num-classes {args.num_classes}"
         )
-    model = create_model(args.model, input_size=latent, num_classes=args.num_classes, in_channels=channels)
+    depth = {"depth": args.depth} if args.depth else {}
+    model = create_model(args.model, input_size=latent, num_classes=args.num_classes, in_channels=channels, **depth)
     if args.load_weight:  # a resumed checkpoint overrides these weights
         load_dit_weights(model, args.load_weight)
         meta = read_metadata(args.load_weight)

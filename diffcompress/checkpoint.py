@@ -144,6 +144,14 @@ def suggest_model(state_dict: StateDict) -> str | None:
     return None
 
 
+def model_hint(state_dict: StateDict, source_model: str) -> str:
+    """The flags that build the model a (pruned) state dict loads into: a registry name, or the source and a depth."""
+    fit = suggest_model(state_dict)
+    if fit:
+        return f"the pruned model is a --model {fit}"
+    return f"the pruned model is a --model {source_model} --depth {infer_dit_config(state_dict)['depth']}"
+
+
 def load_dit_weights(model: torch.nn.Module, source: str | os.PathLike | StateDict, use_ema: bool = True) -> None:
     """Strictly load DiT weights into ``model`` from a file or a state dict.
 

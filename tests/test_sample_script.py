@@ -49,3 +49,5 @@ def test_sample_rejects_mismatched_checkpoint(tmp_path):
     assert "missing 60 keys (blocks.6-11.*)" in result.stderr
     assert "depth 6" in result.stderr
     assert not (tmp_path / "x.png").exists()
+    run_sample("--ckpt", str(tmp_path / "d6.pt"), "--depth", "6", "--out", str(tmp_path / "x.png"))
+    assert (tmp_path / "x.png").is_file()  # a shallow model of a non-XL source loads with --depth
