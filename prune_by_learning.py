@@ -21,9 +21,9 @@ import torch
 
 from diffcompress.checkpoint import load_dit_weights, save_pruned
 from diffcompress.cli import run
-from diffcompress.data import FeatureDataset
+from diffcompress.data import open_features
 from diffcompress.distributed import DistInfo, cleanup, seed_everything, setup_distributed
-from diffcompress.trainer import add_training_args, experiment_dir, total_steps, train
+from diffcompress.trainer import add_training_args, diffusion_objective, experiment_dir, total_steps, train
 from diffusion import create_diffusion
 from models_with_layer_pruning import DiT, DiT_models, create_model, pruned_state_dict
 
@@ -98,14 +98,13 @@ def lerp(pair: list[float], progress: float) -> float:
 
 def pruning_objective(args: argparse.Namespace, max_steps: int):
     """The diffusion loss of the Gumbel-sampled sub-network; tau and scaling follow their linear schedules."""
-    diffusion = create_diffusion("")
+    loss = diffusion_objective(create_diffusion(""))
 
     def objective(model, x, y, step):
         net = model.module if hasattr(model, "module") else model
         progress = step / max(1, max_steps - 1)
         net.set_gumbel(lerp(args.tau_range, progress), lerp(args.scaling_range, progress))
-        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
-        return {k: v.mean() for k, v in diffusion.training_losses(model, x, t, dict(y=y)).items()}
+        return loss(model, x, y, step)
 
     return objective
 
@@ -191,10 +190,8 @@ def plot_decisions(history: list[dict], depth: int, path: Path) -> None:
 def main(args: argparse.Namespace) -> dict:
     info = setup_distributed(args.device)
     seed_everything(args.global_seed, info.rank, info.world_size)
-    dataset = FeatureDataset(args.data_path)
+    dataset = open_features(args.data_path, args.image_size, args.num_classes)
     channels, latent, _ = dataset.latent_shape
-    if args.image_size is not None and latent not in (args.image_size, args.image_size // 8):
-        raise ValueError(f"--image-size {args.image_size} does not fit the {latent}x{latent} features")
     model = create_model(
         args.model, groups=args.groups, input_size=latent, num_classes=args.num_classes, in_channels=channels
     )

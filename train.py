@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from diffcompress.checkpoint import load_dit_weights, read_metadata
 from diffcompress.cli import run
-from diffcompress.data import FeatureDataset
+from diffcompress.data import open_features
 from diffcompress.distributed import cleanup, seed_everything, setup_distributed
-from diffcompress.trainer import TrainResult, add_training_args, train
+from diffcompress.trainer import TrainResult, add_training_args, diffusion_objective, train
 from diffusion import create_diffusion
 from models_with_layer_pruning import DiT_models, create_model
 
@@ -34,30 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def diffusion_objective(diffusion):
-    """MSE on the noise plus the variational bound (learned variance), averaged over the batch."""
-
-    def objective(model, x, y, step):
-        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
-        terms = diffusion.training_losses(model, x, t, dict(y=y))
-        return {k: v.mean() for k, v in terms.items()}
-
-    return objective
-
-
 def main(args: argparse.Namespace) -> TrainResult:
     info = setup_distributed(args.device)
     seed_everything(args.global_seed, info.rank, info.world_size)
-    dataset = FeatureDataset(args.data_path)
+    dataset = open_features(args.data_path, args.image_size, args.num_classes)
     channels, latent, _ = dataset.latent_shape
-    if args.image_size is not None and latent not in (args.image_size, args.image_size // 8):
-        raise ValueError(
-            f"--image-size {args.image_size} does not fit the {latent}x{latent} features in {args.data_path}"
-        )
-    if dataset.num_classes > args.num_classes:
-        raise ValueError(
-            f"{args.data_path} has {dataset.num_classes} classes, more than --num-classes {args.num_classes}"
-        )
     depth = {"depth": args.depth} if args.depth else {}
     model = create_model(args.model, input_size=latent, num_classes=args.num_classes, in_channels=channels, **depth)
     if args.load_weight:  # a resumed checkpoint overrides these weights

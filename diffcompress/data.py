@@ -321,3 +321,14 @@ def pack_features(
     )  # fmt: skip
     write_json_atomic(out / MANIFEST, manifest)
     return out
+
+
+def open_features(path: str | os.PathLike, image_size: int | None, num_classes: int) -> FeatureDataset:
+    """The training scripts' feature set, checked against their ``--image-size`` and ``--num-classes``."""
+    dataset = FeatureDataset(path)
+    latent = dataset.latent_shape[1]
+    if image_size is not None and latent not in (image_size, image_size // 8):
+        raise ValueError(f"--image-size {image_size} does not fit the {latent}x{latent} features in {path}")
+    if dataset.num_classes > num_classes:
+        raise ValueError(f"{path} has {dataset.num_classes} classes, more than --num-classes {num_classes}")
+    return dataset

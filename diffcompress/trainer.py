@@ -42,6 +42,16 @@ class TrainingError(UserError):
     """The run cannot go on (diverged, bad resume); the message says why and what to do."""
 
 
+def diffusion_objective(diffusion) -> Objective:
+    """The DiT loss: MSE on the noise plus the variational bound (learned variance), batch-averaged."""
+
+    def objective(model, x, y, step):
+        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
+        return {k: v.mean() for k, v in diffusion.training_losses(model, x, t, dict(y=y)).items()}
+
+    return objective
+
+
 def add_training_args(
     parser: argparse.ArgumentParser,
     *,

@@ -14,7 +14,7 @@ import train as train_script
 from diffcompress.checkpoint import load_file, read_metadata
 from diffcompress.data import FeatureDataset
 from diffcompress.distributed import DistInfo
-from diffcompress.trainer import train
+from diffcompress.trainer import diffusion_objective, train
 from models_with_layer_pruning import DiT, create_model
 
 from .conftest import ROOT
@@ -43,7 +43,7 @@ def trained_pair(features, tmp_path_factory):
     args = train_script.parse_args(["--data-path", str(features), "--results-dir", str(tmp_path_factory.mktemp("r")),
                                     *COMMON, "--max-steps", "150", "--lr", "2e-3", "--lr-min", "2e-3",
                                     "--log-every", "1000"])  # fmt: skip
-    result = train(args, CPU, model, train_script.diffusion_objective(pbl.create_diffusion("")),
+    result = train(args, CPU, model, diffusion_objective(pbl.create_diffusion("")),
                    FeatureDataset(features))  # fmt: skip
     return result.ema.state_dict()
 

@@ -14,6 +14,7 @@ import torch
 
 import train as train_script
 from diffcompress.checkpoint import CheckpointError, load_file
+from diffcompress.data import FeatureDataset
 from diffcompress.distributed import DistInfo
 from diffcompress.trainer import StepSampler, lr_factor, train
 from models_with_layer_pruning import create_model
@@ -168,7 +169,7 @@ def test_nan_loss_steps_are_skipped_then_stop(features, tmp_path):
 
     info = DistInfo(0, 0, 1, torch.device("cpu"))
     with pytest.raises(Exception, match="4 steps had a non-finite loss") as e:
-        train(args, info, model, nan_objective, train_script.FeatureDataset(features))
+        train(args, info, model, nan_objective, FeatureDataset(features))
     assert "\n" not in str(e.value)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no update was applied
 
