@@ -152,9 +152,9 @@ class GaussianDiffusion:
         extra = None
         if isinstance(model_output, tuple):
             model_output, extra = model_output
-        return {**self._p_from_output(model_output, x, t, clip_denoised, denoised_fn), "extra": extra}
+        return {**self.p_from_output(model_output, x, t, clip_denoised, denoised_fn), "extra": extra}
 
-    def _p_from_output(self, model_output, x, t, clip_denoised=True, denoised_fn=None) -> dict[str, torch.Tensor]:
+    def p_from_output(self, model_output, x, t, clip_denoised=True, denoised_fn=None) -> dict[str, torch.Tensor]:
         """p(x_{t-1} | x_t) from a model output already computed (shared by sampling and the VB loss)."""
         C = x.shape[1]
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
@@ -311,7 +311,7 @@ class GaussianDiffusion:
     def _vb_terms_bpd(self, model_output, x_start, x_t, t, clip_denoised=False) -> dict[str, torch.Tensor]:
         """One term of the variational bound, in bits per dimension: KL for t > 0, decoder NLL at t = 0."""
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
-        out = self._p_from_output(model_output, x_t, t, clip_denoised)
+        out = self.p_from_output(model_output, x_t, t, clip_denoised)
         kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / np.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
         nll = mean_flat(nll) / np.log(2.0)
