@@ -17,7 +17,7 @@ from models_with_layer_pruning import DiT, create_model, pruned_state_dict
 
 from .conftest import ROOT
 from .test_model import randomized
-from .test_train import free_port, make_features
+from .test_train import fit_tiny_dit, free_port, make_features
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, num_heads=4, num_classes=4)
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
@@ -32,18 +32,8 @@ def features(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_teacher(features, tmp_path_factory):
     """A 4-block DiT fitted to the toy set, so distillation and the data agree."""
-    import train as train_script
-    from diffcompress.trainer import diffusion_objective
-    from diffusion import create_diffusion
-
     torch.manual_seed(0)
-    model = DiT(**TINY, depth=4)
-    args = train_script.parse_args(["--data-path", str(features), "--results-dir", str(tmp_path_factory.mktemp("t")),
-                                    *COMMON, "--max-steps", "150", "--lr", "2e-3", "--lr-min", "2e-3",
-                                    "--log-every", "1000"])  # fmt: skip
-    train(args, CPU, model, diffusion_objective(create_diffusion("")), FeatureDataset(features))
-    model.zero_grad(set_to_none=True)
-    return model  # the trained weights (an EMA at 0.9999 is still near the initialisation after 150 steps)
+    return fit_tiny_dit(DiT(**TINY, depth=4), features, tmp_path_factory.mktemp("t"))
 
 
 def kd_args(features, results, *extra):

@@ -10,16 +10,15 @@ import pytest
 import torch
 
 import prune_by_learning as pbl
-import train as train_script
 from diffcompress.checkpoint import load_file, read_metadata
 from diffcompress.data import FeatureDataset
 from diffcompress.distributed import DistInfo
-from diffcompress.trainer import diffusion_objective, train
+from diffcompress.trainer import train
 from models_with_layer_pruning import DiT, create_model
 
 from .conftest import ROOT
 from .test_model import randomized
-from .test_train import free_port, make_features
+from .test_train import fit_tiny_dit, free_port, make_features
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, num_heads=4, num_classes=4)
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
@@ -39,13 +38,7 @@ def prune_args(features, results, *extra):
 def trained_pair(features, tmp_path_factory):
     """A 2-block DiT fitted to the toy set: its blocks do useful work."""
     torch.manual_seed(0)
-    model = DiT(**TINY, depth=2)
-    args = train_script.parse_args(["--data-path", str(features), "--results-dir", str(tmp_path_factory.mktemp("r")),
-                                    *COMMON, "--max-steps", "150", "--lr", "2e-3", "--lr-min", "2e-3",
-                                    "--log-every", "1000"])  # fmt: skip
-    result = train(args, CPU, model, diffusion_objective(pbl.create_diffusion("")),
-                   FeatureDataset(features))  # fmt: skip
-    return result.ema.state_dict()
+    return fit_tiny_dit(DiT(**TINY, depth=2), features, tmp_path_factory.mktemp("r")).state_dict()
 
 
 def with_identity_blocks(trained: dict) -> DiT:

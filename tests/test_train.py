@@ -16,7 +16,8 @@ import train as train_script
 from diffcompress.checkpoint import CheckpointError, load_file
 from diffcompress.data import FeatureDataset
 from diffcompress.distributed import DistInfo
-from diffcompress.trainer import StepSampler, lr_factor, train
+from diffcompress.trainer import StepSampler, diffusion_objective, lr_factor, train
+from diffusion import create_diffusion
 from models_with_layer_pruning import create_model
 
 from .conftest import ROOT
@@ -36,6 +37,19 @@ def make_features(root, n=48, classes=4, size=8, seed=0):
         np.save(root / "imagenet64_features" / f"{i}.npy", np.stack([x, x[..., ::-1]]))
         np.save(root / "imagenet64_labels" / f"{i}.npy", np.array([i % classes]))
     return root
+
+
+def fit_tiny_dit(model, features, results, steps=150):
+    """Fit ``model`` to the toy set with train.py's recipe (fast lr); returns it with the trained weights
+    (not the EMA: at 0.9999 it is still near the initialisation after so few steps)."""
+    args = train_script.parse_args(["--data-path", str(features), "--results-dir", str(results), "--num-classes", "4",
+                                    "--global-batch-size", "16", "--num-workers", "0", "--ckpt-every", "100000",
+                                    "--max-steps", str(steps), "--lr", "2e-3", "--lr-min", "2e-3",
+                                    "--log-every", "1000"])  # fmt: skip
+    info = DistInfo(0, 0, 1, torch.device("cpu"))
+    train(args, info, model, diffusion_objective(create_diffusion("")), FeatureDataset(features))
+    model.zero_grad(set_to_none=True)
+    return model
 
 
 @pytest.fixture(scope="module")
