@@ -171,3 +171,16 @@ def test_create_diffusion_options():
     xstart = create_diffusion("", predict_xstart=True, learn_sigma=False)
     terms = xstart.training_losses(lambda x, t: x0, x0, torch.tensor([3, 900]))
     assert terms["loss"].abs().max().item() == 0  # the x0 target, predicted exactly
+
+
+def test_dpm_solver_recovers_x0_with_an_oracle():
+    from diffusion.dpm_solver import dpm_solver_sample_loop
+
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    oracle = OracleEps(x0, v=0.0)  # learned-variance layout: only the first 3 channels are used
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = dpm_solver_sample_loop(oracle, create_diffusion(""), noise, num_steps=20)
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-3)
+    assert len(oracle.seen) == 20 and max(oracle.seen) > 900  # 20 original timesteps across the range
+    with pytest.raises(ValueError, match="full training diffusion"):
+        dpm_solver_sample_loop(oracle, create_diffusion("10"), noise, num_steps=5)

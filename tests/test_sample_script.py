@@ -38,6 +38,11 @@ def test_sample_grid_from_checkpoint(tmp_path):
     assert img.shape == (2 * 16 + 3 * 2, 4 * 16 + 5 * 2, 3)  # 6 images on a 4-wide grid with 2-pixel padding
     assert np.array_equal(img, np.asarray(Image.open(b)))  # same seed, same image
     assert img.std() > 10  # not a blank grid
+    c = tmp_path / "c.png"
+    out = run_sample("--ckpt", str(ckpt), "--class-labels", "0,1,2,3,4,5", "--sampler", "dpm-solver", "--out", str(c))
+    assert "4 dpm-solver steps" in out.stdout
+    dpm = np.asarray(Image.open(c))
+    assert dpm.shape == img.shape and dpm.std() > 10 and not np.array_equal(dpm, img)
 
 
 def test_sample_rejects_mismatched_checkpoint(tmp_path):
