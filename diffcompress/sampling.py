@@ -1,0 +1,85 @@
+"""What sample.py and sample_ddp.py share: their flags, loading the model and codec, guided sampling."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from diffusion import create_diffusion
+from diffusion.dpm_solver import dpm_solver_sample_loop
+from models_with_layer_pruning import DiT, DiT_models, create_model
+
+from .checkpoint import load_dit_weights
+from .distributed import autocast
+from .errors import UserError
+from .vae import PixelCodec, VAECodec, load_vae
+
+
+def add_sampling_args(p: argparse.ArgumentParser, cfg_scale: float) -> None:
+    p.add_argument("--model", choices=list(DiT_models), default="DiT-XL/2")
+    p.add_argument("--depth", type=int, default=None, help="override the model's depth (a model pruned from it)")
+    p.add_argument("--groups", default=None, help="custom N:M groups for a prunable model, e.g. '[[1,2],[2,4]]'")
+    p.add_argument("--ckpt", default=None, help="checkpoint (state dict, training checkpoint or safetensors)")
+    p.add_argument("--no-ema", action="store_true", help="use 'model' instead of 'ema' from a training checkpoint")
+    p.add_argument("--vae", default="ema", help="ema | mse | a local diffusers VAE folder | none (pixel-space model)")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--cfg-scale", type=float, default=cfg_scale)
+    p.add_argument("--cfg-all-channels", action="store_true", help="guide every noise channel, not DiT's first 3")
+    p.add_argument("--num-sampling-steps", type=int, default=250)
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm-solver"], default="ddpm",
+                   help="ddpm (the paper's), ddim, or dpm-solver (DPM-Solver++ 2M: use 20-25 steps)")  # fmt: skip
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
+
+
+def load_model_and_codec(args: argparse.Namespace, device: torch.device) -> tuple[DiT, PixelCodec | VAECodec, int]:
+    """The DiT in eval mode on ``device`` (weights from --ckpt), the image codec, and the latent size."""
+    codec = load_vae(args.vae, device)
+    if args.image_size % codec.downsample:
+        raise UserError(f"--image-size {args.image_size} must be divisible by the VAE's factor {codec.downsample}")
+    latent_size = args.image_size // codec.downsample
+    model = create_model(
+        args.model, groups=args.groups, input_size=latent_size, num_classes=args.num_classes,
+        in_channels=codec.channels, **({"depth": args.depth} if args.depth else {}),
+    ).to(device)  # fmt: skip
+    if args.ckpt:
+        load_dit_weights(model, args.ckpt, use_ema=not args.no_ema)
+    else:
+        print("warning: no --ckpt given, sampling from randomly initialised weights")
+    return model.eval(), codec, latent_size
+
+
+@torch.no_grad()
+def sample_latents(
+    model: DiT, z: torch.Tensor, y: torch.Tensor, args: argparse.Namespace, precision: str,
+    generator: torch.Generator | None = None, progress: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """Denoise ``z`` for labels ``y`` with --sampler, --num-sampling-steps and (if > 1) --cfg-scale."""
+    device, n = z.device, len(z)
+    if args.cfg_scale > 1.0:
+        z, y = torch.cat([z, z]), torch.cat([y, torch.full_like(y, args.num_classes)])
+        channels = None if args.cfg_all_channels else 3
+        kwargs, forward = dict(y=y, cfg_scale=args.cfg_scale, cfg_channels=channels), model.forward_with_cfg
+    else:
+        kwargs, forward = dict(y=y), model.forward
+
+    def model_fn(x, t, **kw):
+        with autocast(device, precision):
+            return forward(x, t, **kw).float()
+
+    if args.sampler == "dpm-solver":
+        out = dpm_solver_sample_loop(model_fn, create_diffusion(""), z, args.num_sampling_steps, kwargs, progress)
+    else:
+        diffusion = create_diffusion(str(args.num_sampling_steps))
+        loop = diffusion.p_sample_loop if args.sampler == "ddpm" else diffusion.ddim_sample_loop
+        out = loop(model_fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs, progress=progress, device=device,
+                   generator=generator)  # fmt: skip
+    return out[:n]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1], [N, 3, H, W] -> uint8 [N, H, W, 3] (DiT's rounding: clamp(127.5 x + 128))."""
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()

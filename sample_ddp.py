@@ -1,0 +1,96 @@
+"""Sample many images (e.g. 50K for FID) over any number of processes, then pack them into one .npz.
+
+    torchrun --nproc_per_node=8 sample_ddp.py --model DiT-D14/2 --ckpt TinyDiT-D14-MaskedKD-500K.pt \
+        --vae path/to/sd-vae-ft-ema --num-fid-samples 50000 --cfg-scale 1.5
+    python sample_ddp.py --model DiT-Ti/4 --image-size 16 --vae none --num-classes 10 --num-fid-samples 64
+
+Image i gets its label and its starting noise from (--global-seed, i) alone, so the result does not
+depend on the number of processes or the batch size, and a re-run (after a crash or with more GPUs)
+only makes the missing PNGs. Rank r makes the missing indices r, r+W, ...; rank 0 then writes
+``<folder>.npz`` with ``arr_0`` uint8 [N, H, W, 3] in index order and ``labels`` [N].
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from diffcompress.cli import run
+from diffcompress.distributed import barrier, cleanup, resolve_precision, setup_distributed
+from diffcompress.sampling import add_sampling_args, load_model_and_codec, sample_latents, to_uint8
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sampling_args(p, cfg_scale=1.5)
+    p.add_argument("--num-fid-samples", type=int, default=50_000)
+    p.add_argument("--per-proc-batch-size", type=int, default=32)
+    p.add_argument("--sample-dir", default="samples")
+    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--balanced-labels", action="store_true", help="labels i mod num-classes instead of uniform")
+    return p.parse_args(argv)
+
+
+def index_seed(global_seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([global_seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def label_of(index: int, args: argparse.Namespace) -> int:
+    if args.balanced_labels:
+        return index % args.num_classes
+    return int(np.random.default_rng(index_seed(args.global_seed, index)).integers(args.num_classes))
+
+
+def folder_name(args: argparse.Namespace) -> str:
+    ckpt = Path(args.ckpt).stem if args.ckpt else "random"
+    return (f"{args.model.replace('/', '-')}-{ckpt}-size-{args.image_size}-vae-{Path(args.vae).name}-"
+            f"cfg-{args.cfg_scale}-{args.sampler}{args.num_sampling_steps}-seed-{args.global_seed}")  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> Path:
+    torch.set_grad_enabled(False)
+    if args.num_fid_samples <= 0 or args.per_proc_batch_size <= 0:
+        raise ValueError("--num-fid-samples and --per-proc-batch-size must be positive")
+    info = setup_distributed(args.device)
+    device, precision = info.device, resolve_precision(args.precision, info.device)
+    model, codec, latent = load_model_and_codec(args, device)
+    folder = Path(args.sample_dir) / folder_name(args)
+    folder.mkdir(parents=True, exist_ok=True)
+    done = {int(n[:-4]) for n in os.listdir(folder) if n.endswith(".png") and n[:-4].isdigit()}
+    todo = [i for i in range(info.rank, args.num_fid_samples, info.world_size) if i not in done]
+    if info.is_main:
+        print(f"{len(done)} of {args.num_fid_samples} samples exist in {folder}; {info.world_size} process(es)")
+    shape = (codec.channels, latent, latent)
+    for start in tqdm(range(0, len(todo), args.per_proc_batch_size), disable=not info.is_main, desc="batches"):
+        ids = todo[start : start + args.per_proc_batch_size]
+        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(index_seed(args.global_seed, i)))
+                         for i in ids]).to(device)  # fmt: skip
+        y = torch.tensor([label_of(i, args) for i in ids], device=device)
+        images = to_uint8(codec.decode(sample_latents(model, z, y, args, precision, progress=False)))
+        for i, image in zip(ids, images):
+            tmp = folder / f".{i:06d}.png.tmp"
+            Image.fromarray(image).save(tmp, format="PNG")
+            os.replace(tmp, folder / f"{i:06d}.png")  # a crash never leaves half an image
+    barrier()
+    out = folder.parent / f"{folder.name}.npz"  # not with_suffix: the name holds dots (cfg-1.5)
+    if info.is_main:
+        arr = np.stack([np.asarray(Image.open(folder / f"{i:06d}.png")) for i in
+                        tqdm(range(args.num_fid_samples), desc="npz")])  # fmt: skip
+        labels = np.array([label_of(i, args) for i in range(args.num_fid_samples)], dtype=np.int64)
+        tmp = out.with_name(f".{out.name}.tmp.npz")
+        np.savez(tmp, arr_0=arr, labels=labels)
+        os.replace(tmp, out)
+        print(f"wrote {out} (arr_0 {arr.shape} uint8 in index order, labels) from the PNGs in {folder}")
+    barrier()
+    cleanup()
+    return out
+
+
+if __name__ == "__main__":
+    run(lambda: main(parse_args()))

@@ -1,0 +1,75 @@
+"""sample_ddp.py: 2-process torchrun, results independent of the world size, re-runs fill only gaps,
+and the npz holds the PNGs in index order with their labels."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models_with_layer_pruning import create_model
+
+from .conftest import ROOT
+from .test_train import free_port
+
+ARGS = ["--model", "DiT-Ti/8", "--image-size", "16", "--vae", "none", "--num-classes", "10",
+        "--num-sampling-steps", "3", "--sampler", "ddim", "--num-fid-samples", "10", "--per-proc-batch-size", "3",
+        "--device", "cpu"]  # fmt: skip
+
+
+def run(tmp_path, ckpt, sample_dir, *extra, procs=1):
+    launch = [sys.executable]
+    if procs > 1:
+        launch += ["-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_addr=127.0.0.1",
+                   f"--master_port={free_port()}"]  # fmt: skip
+    cmd = [*launch, str(ROOT / "sample_ddp.py"), *ARGS, "--ckpt", str(ckpt), "--sample-dir", str(sample_dir), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_sample_ddp(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("DiT-Ti/8", input_size=16, in_channels=3, num_classes=10)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN" in name or "final_layer" in name:
+                p.normal_(std=0.05)
+    ckpt = tmp_path / "ti.pt"
+    torch.save(model.state_dict(), ckpt)
+
+    out = run(tmp_path, ckpt, tmp_path / "two", procs=2)
+    (npz_path,) = (tmp_path / "two").glob("*.npz")
+    assert f"wrote {npz_path}" in out
+    data = np.load(npz_path)
+    arr, labels = data["arr_0"], data["labels"]
+    assert arr.shape == (10, 16, 16, 3) and arr.dtype == np.uint8 and labels.shape == (10,)
+    folder = npz_path.parent / npz_path.name.removesuffix(".npz")
+    assert "cfg-1.5" in folder.name
+    pngs = sorted(folder.glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(10)]
+    for i, p in enumerate(pngs):
+        assert np.array_equal(arr[i], np.asarray(Image.open(p)))  # index order, not directory order
+    assert arr.std() > 5 and len(set(labels.tolist())) > 2 and labels.max() < 10
+
+    run(tmp_path, ckpt, tmp_path / "one")  # one process, other batches: the same images and labels
+    single = np.load(next((tmp_path / "one").glob("*.npz")))
+    assert np.array_equal(single["labels"], labels)
+    assert np.abs(single["arr_0"].astype(int) - arr.astype(int)).max() <= 1
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in pngs}
+    (folder / "000003.png").unlink()
+    (folder / "000008.png").unlink()
+    out = run(tmp_path, ckpt, tmp_path / "two")
+    assert "8 of 10 samples exist" in out
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(stamps)
+    changed = {p.name for p in folder.glob("*.png") if p.stat().st_mtime_ns != stamps[p.name]}
+    assert changed == {"000003.png", "000008.png"}
+    assert np.abs(np.load(npz_path)["arr_0"].astype(int) - arr.astype(int)).max() <= 1
+
+    run(tmp_path, ckpt, tmp_path / "balanced", "--balanced-labels")
+    balanced = np.load(next((tmp_path / "balanced").glob("*.npz")))["labels"]
+    assert balanced.tolist() == [i % 10 for i in range(10)]
