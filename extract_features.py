@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from diffcompress.checkpoint import write_json_atomic
 from diffcompress.cli import run
 from diffcompress.data import (
     CroppedImages,
@@ -31,7 +32,6 @@ from diffcompress.data import (
     collate_images,
     pack_features,
     read_manifest,
-    write_json_atomic,
 )
 from diffcompress.distributed import barrier, cleanup, setup_distributed
 from diffcompress.vae import LATENT_SCALE, PixelCodec, VAECodec, load_vae

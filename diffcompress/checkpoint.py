@@ -238,7 +238,7 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike, metadata: dict
         Path(tmp).unlink(missing_ok=True)
         raise
     if metadata is not None:
-        _write_text_atomic(metadata_path(path), json.dumps(metadata, indent=2) + "\n")
+        write_json_atomic(metadata_path(path), metadata)
     else:  # a stale sidecar would describe the previous file
         metadata_path(path).unlink(missing_ok=True)
     return path
@@ -276,7 +276,9 @@ def save_pruned(
     return save_checkpoint(dict(state_dict), path, metadata=metadata)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON via a temporary file and a rename (never half a file)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checkpoint import write_json_atomic
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MANIFEST = "manifest.json"
 
@@ -131,13 +133,6 @@ def collate_images(batch: list[tuple[int, torch.Tensor | None, int, str]]) -> di
 def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
     file = Path(path) / MANIFEST
     return json.loads(file.read_text()) if file.is_file() else None
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _stem_key(stem: str) -> tuple[int, int | str]:

@@ -237,6 +237,8 @@ def train(
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args, max_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    trained = [p for g in opt.param_groups for p in g["params"]]
+    max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
 
     train_steps = 0
     resume_path = args.resume
@@ -317,8 +319,7 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
-                params = [p for g in opt.param_groups for p in g["params"]]
-                norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+                norm = torch.nn.utils.clip_grad_norm_(trained, max_norm)
                 # grads are all-reduced, so every rank sees the same norm and takes the same decision
                 if torch.isfinite(norm):
                     scaler.step(opt)

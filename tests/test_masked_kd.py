@@ -11,17 +11,12 @@ import torch
 import train_masked_kd as mkd
 from diffcompress.checkpoint import load_file, save_pruned
 from diffcompress.data import FeatureDataset
-from diffcompress.distributed import DistInfo
 from diffcompress.trainer import train
 from models_with_layer_pruning import DiT, create_model, pruned_state_dict
 
-from .conftest import ROOT
+from .conftest import CPU, ROOT, TOY_DIT, TOY_FLAGS
 from .test_model import randomized
 from .test_train import fit_tiny_dit, free_port, make_features
-
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, num_heads=4, num_classes=4)
-CPU = DistInfo(0, 0, 1, torch.device("cpu"))
-COMMON = ["--num-classes", "4", "--global-batch-size", "16", "--num-workers", "0", "--ckpt-every", "100000"]
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +28,12 @@ def features(tmp_path_factory):
 def trained_teacher(features, tmp_path_factory):
     """A 4-block DiT fitted to the toy set, so distillation and the data agree."""
     torch.manual_seed(0)
-    return fit_tiny_dit(DiT(**TINY, depth=4), features, tmp_path_factory.mktemp("t"))
+    return fit_tiny_dit(DiT(**TOY_DIT, depth=4), features, tmp_path_factory.mktemp("t"))
 
 
 def kd_args(features, results, *extra):
     return mkd.parse_args(["--data-path", str(features), "--results-dir", str(results), "--load-teacher", "unused",
-                           *COMMON, *extra])  # fmt: skip
+                           *TOY_FLAGS, *extra])  # fmt: skip
 
 
 def batch(seed=0):
@@ -48,15 +43,15 @@ def batch(seed=0):
 
 def test_kd_terms_vanish_for_identical_student_and_teacher(features, tmp_path):
     torch.manual_seed(0)
-    student = randomized(DiT(**TINY, depth=4, class_dropout_prob=0.5)).train()
-    teacher = randomized(DiT(**TINY, depth=4, class_dropout_prob=0.5))
+    student = randomized(DiT(**TOY_DIT, depth=4, class_dropout_prob=0.5)).train()
+    teacher = randomized(DiT(**TOY_DIT, depth=4, class_dropout_prob=0.5))
     objective = mkd.MaskedKD(student, teacher, [(0, 0), (3, 3)], kd_args(features, tmp_path), max_steps=10)
     x, y = batch()
     terms = objective(student, x, y, step=0)  # random label drops: the teacher must see the same ones
     # exactly equal outputs; the KL is 0 up to float rounding of (-1 + L2 - L1 + 1)
     assert terms["kd_mse"].item() == 0 and terms["feat"].item() == 0 and abs(terms["vb_kd"].item()) < 1e-7
     assert terms["mse"].item() > 0 and terms["vb"].item() > 0
-    other = randomized(DiT(**TINY, depth=4, class_dropout_prob=0.5), seed=5)
+    other = randomized(DiT(**TOY_DIT, depth=4, class_dropout_prob=0.5), seed=5)
     objective = mkd.MaskedKD(student, other, [(0, 0)], kd_args(features, tmp_path), max_steps=10)
     terms = objective(student, x, y, step=0)
     assert terms["kd_mse"].item() > 0 and terms["vb_kd"].item() > 0 and terms["feat"].item() > 0
@@ -64,8 +59,8 @@ def test_kd_terms_vanish_for_identical_student_and_teacher(features, tmp_path):
 
 def test_loss_combines_the_terms_with_alpha_and_a_decaying_beta(features, tmp_path):
     torch.manual_seed(0)
-    student = randomized(DiT(**TINY, depth=2)).train()
-    teacher = randomized(DiT(**TINY, depth=4), seed=3)
+    student = randomized(DiT(**TOY_DIT, depth=2)).train()
+    teacher = randomized(DiT(**TOY_DIT, depth=4), seed=3)
     args = kd_args(features, tmp_path, "--alpha-kd", "0.7", "--beta-feat", "0.5")
     objective = mkd.MaskedKD(student, teacher, [(0, 1), (1, 3)], args, max_steps=10)
     x, y = batch()
@@ -117,7 +112,7 @@ def distill(features, results, student, teacher, *extra):
 def test_student_learns_and_teacher_stays_frozen(features, trained_teacher, tmp_path):
     teacher = trained_teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student = DiT(**TINY, depth=2)
+    student = DiT(**TOY_DIT, depth=2)
     student.load_state_dict(pruned_state_dict(teacher.state_dict(), [1, 3]))
     result = distill(features, tmp_path, student, teacher, "--max-steps", "30")
     kd = [r["kd_mse"] for r in result.history]
@@ -129,11 +124,11 @@ def test_student_learns_and_teacher_stays_frozen(features, trained_teacher, tmp_
 
 def test_exact_resume(features, tmp_path):
     torch.manual_seed(0)
-    teacher = randomized(DiT(**TINY, depth=4))
+    teacher = randomized(DiT(**TOY_DIT, depth=4))
     init = pruned_state_dict(teacher.state_dict(), [1, 3])
 
     def student():
-        model = DiT(**TINY, depth=2)
+        model = DiT(**TOY_DIT, depth=2)
         model.load_state_dict(init)
         return model
 
@@ -155,7 +150,7 @@ def test_torchrun_two_processes(features, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(ROOT / "train_masked_kd.py"), "--model", "DiT-Ti/4", "--depth", "6",
            "--load-weight", str(tmp_path / "student.pt"), "--teacher", "DiT-Ti/4", "--load-teacher",
-           str(tmp_path / "teacher.pt"), "--data-path", str(features), "--results-dir", str(tmp_path), *COMMON,
+           str(tmp_path / "teacher.pt"), "--data-path", str(features), "--results-dir", str(tmp_path), *TOY_FLAGS,
            "--max-steps", "4", "--log-every", "2"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)

@@ -12,17 +12,12 @@ import torch
 import prune_by_learning as pbl
 from diffcompress.checkpoint import load_file, read_metadata
 from diffcompress.data import FeatureDataset
-from diffcompress.distributed import DistInfo
 from diffcompress.trainer import train
 from models_with_layer_pruning import DiT, create_model
 
-from .conftest import ROOT
+from .conftest import CPU, ROOT, TOY_DIT, TOY_FLAGS
 from .test_model import randomized
 from .test_train import fit_tiny_dit, free_port, make_features
-
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, num_heads=4, num_classes=4)
-CPU = DistInfo(0, 0, 1, torch.device("cpu"))
-COMMON = ["--num-classes", "4", "--global-batch-size", "16", "--num-workers", "0", "--ckpt-every", "100000"]
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +26,21 @@ def features(tmp_path_factory):
 
 
 def prune_args(features, results, *extra):
-    return pbl.parse_args(["--data-path", str(features), "--results-dir", str(results), *COMMON, *extra])
+    return pbl.parse_args(["--data-path", str(features), "--results-dir", str(results), *TOY_FLAGS, *extra])
 
 
 @pytest.fixture(scope="module")
 def trained_pair(features, tmp_path_factory):
     """A 2-block DiT fitted to the toy set: its blocks do useful work."""
     torch.manual_seed(0)
-    return fit_tiny_dit(DiT(**TINY, depth=2), features, tmp_path_factory.mktemp("r")).state_dict()
+    return fit_tiny_dit(DiT(**TOY_DIT, depth=2), features, tmp_path_factory.mktemp("r")).state_dict()
 
 
 def with_identity_blocks(trained: dict) -> DiT:
     """Depth 4, groups 1:2: blocks 0 and 2 are exact identities (zero adaLN), 1 and 3 the trained blocks.
     (The working blocks sit second in each pair, so a decision left at the tie-break would be wrong.)"""
     torch.manual_seed(1)
-    model = randomized(DiT(**TINY, depth=4, groups=[[1, 2], [1, 2]]))
+    model = randomized(DiT(**TOY_DIT, depth=4, groups=[[1, 2], [1, 2]]))
     state = model.state_dict()
     for key, value in trained.items():
         state[key.replace("blocks.1.", "blocks.3.").replace("blocks.0.", "blocks.1.")] = value
@@ -78,10 +73,10 @@ def test_saved_file_matches_the_decision(features, trained_pair, tmp_path):
     args = prune_args(features, tmp_path, "--max-steps", "3", "--log-every", "3")
     summary = pbl.learn_pruning(args, CPU, model, FeatureDataset(features))
     kept, path = summary["kept_indices"], tmp_path / "prune-DiT-XL-1-2" / "pruned.pt"
-    shallow = DiT(**TINY, depth=2)
+    shallow = DiT(**TOY_DIT, depth=2)
     shallow.load_state_dict(torch.load(path, weights_only=True))  # strict, a plain state dict
     assert read_metadata(path)["kept_indices"] == kept and read_metadata(path)["groups"] == [[1, 2], [1, 2]]
-    reference = DiT(**TINY, depth=4, groups=[[1, 2], [1, 2]])
+    reference = DiT(**TOY_DIT, depth=4, groups=[[1, 2], [1, 2]])
     reference.load_state_dict(original)
     mask = torch.zeros(4)
     mask[kept] = 1
@@ -119,7 +114,7 @@ def test_lora_discard_or_merge(features, trained_pair, tmp_path, merge):
 def test_only_requested_parameters_train_at_the_right_lr(features, tmp_path, mode):
     extra = {"frozen": [], "lora": ["--lora"], "full": ["--delta-w"]}[mode]
     args = prune_args(features, tmp_path, "--max-steps", "2", "--lr", "1e-3", *extra)
-    model, groups = pbl.configure_trainable(randomized(DiT(**TINY, depth=4, groups=[[1, 2], [1, 2]])), args)
+    model, groups = pbl.configure_trainable(randomized(DiT(**TOY_DIT, depth=4, groups=[[1, 2], [1, 2]])), args)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"gate_logits.0", "gate_logits.1"} <= trainable
     others = trainable - {"gate_logits.0", "gate_logits.1"}
@@ -152,7 +147,7 @@ def test_torchrun_two_processes(features, tmp_path):
     out = tmp_path / "d6.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(ROOT / "prune_by_learning.py"), "--model", "DiT-Ti/4",
-           "--groups", "1:2", "--data-path", str(features), "--results-dir", str(tmp_path), *COMMON,
+           "--groups", "1:2", "--data-path", str(features), "--results-dir", str(tmp_path), *TOY_FLAGS,
            "--max-steps", "4", "--log-every", "2", "--lora", "--save-model", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
@@ -167,6 +162,6 @@ def test_torchrun_two_processes(features, tmp_path):
 
 def test_plain_model_is_refused(features, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "prune_by_learning.py"), "--model", "DiT-Ti/4",
-                             "--data-path", str(features), *COMMON, "--max-steps", "1"],
+                             "--data-path", str(features), *TOY_FLAGS, "--max-steps", "1"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
     assert result.returncode == 2 and "has no pruning groups" in result.stderr and "Traceback" not in result.stderr
