@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -40,3 +41,12 @@ def fetch_weights(path: str | os.PathLike | None, filename: str, url: str, what:
         ) from e
     os.replace(partial, target)
     return target
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """First 16 hex digits of the file's sha256: identifies weights in cache keys."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

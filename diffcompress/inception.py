@@ -12,16 +12,14 @@ and the logits ``pool_3 @ W`` without bias, which is how the ADM evaluator compu
 
 from __future__ import annotations
 
-import hashlib
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .downloads import fetch_weights
+from .downloads import fetch_weights, file_digest
 
 WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
@@ -202,14 +200,6 @@ class FIDInception(nn.Module):
         }
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 class TorchInception:
     """The evaluator's default backend: ``activations`` (pool_3, sFID features) and ``softmax`` of pool_3."""
 
@@ -223,7 +213,7 @@ class TorchInception:
         self.model = FIDInception()
         self.model.load_state_dict(load_file(path), strict=True)
         self.model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
-        self._identity = f"torch:{_file_digest(path)}"
+        self._identity = f"torch:{file_digest(path)}"
 
     def identity(self) -> str:
         return self._identity
