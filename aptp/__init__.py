@@ -1,0 +1,1 @@
+"""APTP: prompt-based pruning of Stable Diffusion into a mixture of experts (arXiv 2406.12042)."""
