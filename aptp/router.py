@@ -109,7 +109,9 @@ class PromptEncoder:
     def __init__(self, name_or_path: str = DEFAULT_ENCODER, device: str | torch.device = "cpu"):
         self.model = load_sentence_encoder(name_or_path, device)
         self.name = name_or_path
-        self.dim: int = self.model.get_sentence_embedding_dimension()
+        # renamed get_embedding_dimension in sentence-transformers 6; the old name warns there
+        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim: int = dimension()
 
     @property
     def device(self) -> torch.device:

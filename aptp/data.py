@@ -1,0 +1,330 @@
+"""Captioned images for APTP: Conceptual Captions and MS-COCO 2014, transforms, CLIP tokens, prompt embeddings.
+
+Layouts, as the datasets are distributed:
+
+- CC3M: ``<root>/Train_GCC-training.tsv`` and ``<root>/Validation_GCC-1.1.0-Validation.tsv`` (``caption \\t url``,
+  no header); images in ``<root>/training/`` and ``<root>/validation/`` named ``<row>_<hash>`` (row: the 0-based
+  line of the TSV; with or without an extension), matched by the row prefix.
+- COCO 2014: ``<root>/annotations/captions_{train,val}2014.json`` and
+  ``<root>/images/{split}2014/COCO_{split}2014_%012d.jpg``; one row per caption.
+
+A caption whose image file does not exist is dropped when the table is built (counted in ``missing``). An image that
+cannot be decoded is skipped when it is read: the item comes from the next readable row instead (so batches keep
+their size on every process) and names the unreadable one, for the training loop to report and count.
+
+Prompt embeddings (the router's input) are computed once for a whole caption table and cached in a ``.npy`` file
+keyed by the encoder and the captions; every process memory-maps the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from diffcompress.errors import UserError
+
+CC3M_SPLITS = {
+    "train": ("Train_GCC-training.tsv", "training"),
+    "validation": ("Validation_GCC-1.1.0-Validation.tsv", "validation"),
+}
+COCO_SPLITS = {"train": "train", "validation": "val", "val": "val"}
+COCO30K_SIZE, COCO30K_SEED = 30_000, 42
+METADATA_SUFFIXES = (".json", ".txt", ".parquet")  # what image downloaders write beside the images
+MAX_CONSECUTIVE_UNREADABLE = 100
+
+
+class StringArray:
+    """Many strings in two numpy arrays (UTF-8 bytes and offsets).
+
+    Millions of Python strings would be copied page by page into every DataLoader worker as their reference
+    counts change; two arrays stay shared.
+    """
+
+    def __init__(self, strings: Iterable[str]):
+        encoded = [s.encode() for s in strings]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(np.array([len(b) for b in encoded], dtype=np.int64), out=self.offsets[1:])
+        self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.data[self.offsets[i] : self.offsets[i + 1]].tobytes().decode()
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def take(self, indices: Sequence[int]) -> StringArray:
+        return StringArray(self[int(i)] for i in indices)
+
+
+@dataclass(frozen=True)
+class CaptionTable:
+    """Rows of (image file, caption) whose image file exists."""
+
+    paths: StringArray
+    captions: StringArray
+    ids: np.ndarray  # int64: the TSV row (CC3M) or the annotation id (COCO)
+    missing: int  # caption rows dropped because their image file does not exist
+    source: str  # what the rows came from, for messages
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def take(self, indices: Sequence[int]) -> CaptionTable:
+        """The rows at ``indices``, in that order."""
+        ids = self.ids[np.asarray(indices, dtype=np.int64)]
+        return CaptionTable(self.paths.take(indices), self.captions.take(indices), ids, self.missing, self.source)
+
+
+def _table(rows: list[tuple[int, str, str | None]], total: int, source: str) -> CaptionTable:
+    """A table of the (id, caption, path) rows that have a path; ``total`` caption rows were read."""
+    kept = [r for r in rows if r[2] is not None]
+    if not kept:
+        raise UserError(f"{source}: none of its {total} captions has an image file")
+    return CaptionTable(
+        paths=StringArray(r[2] for r in kept),
+        captions=StringArray(r[1] for r in kept),
+        ids=np.array([r[0] for r in kept], dtype=np.int64),
+        missing=total - len(kept),
+        source=source,
+    )
+
+
+def load_cc3m(root: str | os.PathLike, split: str = "train") -> CaptionTable:
+    """Conceptual Captions: TSV rows matched to image files by their row-number prefix."""
+    if split not in CC3M_SPLITS:
+        raise UserError(f"CC3M split {split!r}: expected one of {', '.join(CC3M_SPLITS)}")
+    tsv_name, folder = CC3M_SPLITS[split]
+    tsv, image_dir = Path(root) / tsv_name, Path(root) / folder
+    for path in (tsv, image_dir):
+        if not path.exists():
+            raise FileNotFoundError(f"CC3M {split}: {str(path)!r} does not exist (expected {tsv_name} and {folder}/)")
+    files: dict[int, str] = {}
+    with os.scandir(image_dir) as it:
+        for entry in it:
+            m = re.match(r"(\d+)_", entry.name)
+            if m and not entry.name.endswith(METADATA_SUFFIXES):
+                files.setdefault(int(m.group(1)), entry.name)
+    rows = []
+    with open(tsv, encoding="utf-8") as f:
+        for row, line in enumerate(f):
+            caption = line.rstrip("\n").split("\t", 1)[0].strip()
+            name = files.get(row)
+            rows.append((row, caption, str(image_dir / name) if name else None))
+    return _table(rows, len(rows), f"CC3M {split} ({tsv})")
+
+
+def load_coco(root: str | os.PathLike, split: str = "train") -> CaptionTable:
+    """MS-COCO 2014 captions, one row per caption, in the annotation file's order."""
+    if split not in COCO_SPLITS:
+        raise UserError(f"COCO split {split!r}: expected one of {', '.join(COCO_SPLITS)}")
+    s = COCO_SPLITS[split]
+    ann, image_dir = Path(root) / "annotations" / f"captions_{s}2014.json", Path(root) / "images" / f"{s}2014"
+    for path in (ann, image_dir):
+        if not path.exists():
+            raise FileNotFoundError(
+                f"COCO {s}2014: {str(path)!r} does not exist (expected annotations/captions_{s}2014.json and "
+                f"images/{s}2014/)"
+            )
+    try:
+        annotations = json.loads(ann.read_text())["annotations"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{str(ann)!r} is not a COCO captions file ({type(e).__name__}: {e})") from None
+    present = set(os.listdir(image_dir))
+    rows = []
+    for a in annotations:
+        name = f"COCO_{s}2014_{a['image_id']:012d}.jpg"
+        rows.append((a["id"], a["caption"].strip(), str(image_dir / name) if name in present else None))
+    return _table(rows, len(rows), f"COCO {s}2014 ({ann})")
+
+
+def coco30k(root: str | os.PathLike, count: int = COCO30K_SIZE, seed: int = COCO30K_SEED) -> CaptionTable:
+    """The COCO-30k evaluation prompts: ``count`` distinct val2014 images, each with its first caption (in the
+    annotation file's order), drawn as ``pandas.DataFrame.sample(n=count, random_state=seed)`` draws them."""
+    table = load_coco(root, "val")
+    first: dict[str, int] = {}
+    for i in range(len(table)):
+        first.setdefault(table.paths[i], i)
+    if count > len(first):
+        raise UserError(f"COCO-{count}: {table.source} has only {len(first)} images with captions")
+    rows = np.fromiter(first.values(), dtype=np.int64)
+    return table.take(rows[np.random.RandomState(seed).choice(len(rows), count, replace=False)])
+
+
+def load_captions(
+    dataset_name: str, root: str | os.PathLike, split: str = "train", max_samples: int | None = None
+) -> CaptionTable:
+    """The caption table of ``dataset_name`` (cc3m | coco); ``max_samples`` keeps the first rows."""
+    loaders = {"cc3m": load_cc3m, "coco": load_coco}
+    if dataset_name not in loaders:
+        raise UserError(f"dataset {dataset_name!r}: expected one of {', '.join(loaders)}")
+    table = loaders[dataset_name](root, split)
+    if max_samples is not None and max_samples < len(table):
+        table = table.take(range(max_samples))
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images and tokens
+
+
+class ImageTransform:
+    """Resize the short side (bilinear, antialiased), center crop, random horizontal flip when training, scale to
+    [-1, 1]: torchvision's Resize, CenterCrop, RandomHorizontalFlip, ToTensor and Normalize(0.5, 0.5) on PIL
+    images, without importing torchvision (seconds in every process of a launch)."""
+
+    def __init__(self, resolution: int, train: bool):
+        self.resolution, self.train = resolution, train
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        r, (w, h) = self.resolution, img.size
+        size = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
+        img = img.convert("RGB").resize(size, Image.BILINEAR)
+        left, top = int(round((size[0] - r) / 2)), int(round((size[1] - r) / 2))
+        img = img.crop((left, top, left + r, top + r))
+        if self.train and torch.rand(1).item() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(127.5).sub(1)
+
+
+def tokenize(tokenizer: Any, captions: str | Sequence[str]) -> torch.Tensor:
+    """CLIP token ids [N, 77] (the tokenizer's max length), padded and truncated."""
+    return tokenizer(
+        captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Items ``{index, pixel_values, unreadable}`` plus ``input_ids`` (with a tokenizer) and ``prompt_embeds``
+    (with embeddings [N, d]). ``index`` is the row actually used; ``unreadable`` lists ``(row, reason)`` of the
+    rows skipped to reach it."""
+
+    def __init__(
+        self,
+        table: CaptionTable,
+        resolution: int,
+        train: bool = True,
+        tokenizer: Any = None,
+        embeddings: np.ndarray | None = None,
+    ):
+        if embeddings is not None and len(embeddings) != len(table):
+            raise ValueError(f"{len(embeddings)} prompt embeddings for {len(table)} captions")
+        self.table, self.tokenizer, self.embeddings = table, tokenizer, embeddings
+        self.transform = ImageTransform(resolution, train)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        unreadable = []
+        for i in (int(index + k) % len(self) for k in range(MAX_CONSECUTIVE_UNREADABLE)):
+            path = self.table.paths[i]
+            try:
+                with Image.open(path) as img:
+                    pixels = self.transform(img)
+            except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError...
+                unreadable.append((i, f"{path}: {type(e).__name__}: {next(iter(str(e).splitlines()), '')}"))
+                continue
+            item = {"index": i, "pixel_values": pixels, "unreadable": unreadable}
+            if self.tokenizer is not None:
+                item["input_ids"] = tokenize(self.tokenizer, self.table.captions[i])[0]
+            if self.embeddings is not None:
+                item["prompt_embeds"] = torch.from_numpy(np.array(self.embeddings[i], dtype=np.float32))
+            return item
+        raise UserError(
+            f"{self.table.source}: {MAX_CONSECUTIVE_UNREADABLE} consecutive images from row {index} cannot be read "
+            f"(first: {unreadable[0][1]})"
+        )
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the tensors of the items; concatenate their ``unreadable`` lists."""
+    batch: dict[str, Any] = {"index": torch.tensor([it["index"] for it in items], dtype=torch.long)}
+    for key in ("pixel_values", "input_ids", "prompt_embeds"):
+        if key in items[0]:
+            batch[key] = torch.stack([it[key] for it in items])
+    batch["unreadable"] = [u for it in items for u in it["unreadable"]]
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt embeddings, computed once and cached
+
+
+def encoder_fingerprint(encoder: str) -> str:
+    """What identifies an encoder: a local folder by its path and its files' sizes and times; else the hub id."""
+    folder = Path(encoder).expanduser()
+    if not folder.is_dir():
+        return encoder
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    stats = [(f.relative_to(folder).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return json.dumps([str(folder.resolve()), stats])
+
+
+def embedding_cache_path(cache_dir: str | os.PathLike, encoder: str, captions: StringArray) -> Path:
+    digest = hashlib.sha256(encoder_fingerprint(encoder).encode())
+    digest.update(captions.offsets.tobytes())
+    digest.update(captions.data.tobytes())
+    return Path(cache_dir) / f"prompt-embeddings-{digest.hexdigest()[:20]}.npy"
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def prompt_embeddings(
+    captions: StringArray,
+    encoder: str,
+    cache_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Sentence embeddings [N, d] (float32, memory-mapped) of ``captions``, computed once and cached.
+
+    Under torch.distributed each process embeds a contiguous share and rank 0 joins them, so ``cache_dir`` must
+    be visible to every process (as the output folder is). The encoder is only loaded when the cache misses.
+    """
+    path = embedding_cache_path(cache_dir, encoder, captions)
+    rank, world = _distributed()
+    exists = [path.is_file()]
+    if world > 1:  # every process takes the same branch, whatever its view of the file system
+        dist.broadcast_object_list(exists, src=0)
+    if not exists[0]:
+        from .router import PromptEncoder
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lo, hi = rank * len(captions) // world, (rank + 1) * len(captions) // world
+        model = PromptEncoder(encoder, device)
+        part = model.embed([captions[i] for i in range(lo, hi)], batch_size, progress=rank == 0).cpu().numpy()
+        part_file = path.with_name(f".{path.stem}.part{rank}.npy")
+        np.save(part_file, part)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(captions), model.dim))
+            for r in range(world):
+                r_file = path.with_name(f".{path.stem}.part{r}.npy")
+                out[r * len(captions) // world : (r + 1) * len(captions) // world] = np.load(r_file)
+                r_file.unlink()
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        if world > 1:
+            dist.barrier()
+    return np.load(path, mmap_mode="r")

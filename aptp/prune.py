@@ -1,0 +1,419 @@
+"""APTP's pruning stage: learn a prompt router over K architecture codes of a frozen Stable Diffusion UNet.
+
+    accelerate launch -m aptp.prune --config configs/aptp/pruning/cc3m.yaml [section.key=value ...]
+    python -m aptp.prune --config configs/aptp/pruning/tiny.yaml          # one process, e.g. on CPU
+
+Prompt embeddings are computed once and cached (``aptp.data``). Each step the router maps the batch's embeddings
+to soft gate masks: each prompt's own predicted ones for the first ``pretrain_steps`` steps, then the codes that
+Sinkhorn assigns over the whole (multi-process) batch. The dense UNet (gates cleared, no grad) is
+the teacher of the same UNet under those masks; block outputs come from forward hooks. Gradients reach only the
+router: during pre-training every loss trains the predictor; afterwards the contrastive loss trains the predictor
+and the others train the selected codes (``Router.forward`` carries the gradients that way).
+
+Written to ``output_dir``: ``config.yaml``, ``log.txt``, ``metrics.jsonl``; ``checkpoints/checkpoint-<step>/``
+(accelerate state, ``router.pt``, ``state.json`` with the step and the budgets p and p'); at the end ``router.pt``
+and ``router.json`` (what rebuilds the router) and ``experts.json`` (each expert's binary code, MACs, parameters).
+SIGTERM or SIGUSR1 writes a checkpoint and exits 0; ``logging.resume_from_checkpoint: latest`` continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
+from tqdm.auto import tqdm
+
+from diffcompress.checkpoint import save_checkpoint, write_json_atomic
+from diffcompress.cli import run
+from diffcompress.distributed import get_logger
+from diffcompress.errors import UserError
+from diffcompress.trainer import StepSampler, _Preemption
+
+from .config import PruneConfig, load_config, to_dict
+from .data import CaptionedImages, collate, embedding_cache_path, load_captions, prompt_embeddings
+from .expert import materialize
+from .gated_unet import GatedUNet
+from .layout import meta_unet
+from .losses import block_loss, contrastive_loss, ddpm_loss, distill_loss, max_loss, resource_loss, std_loss
+from .macs import MacTable, mac_table
+from .router import Router, _hub_reachable
+
+STATE = "state.json"
+
+
+def load_stable_diffusion(name: str, revision: str | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """{unet, vae, text_encoder (frozen, eval, in ``dtype``), tokenizer, scheduler} of an SD folder or hub id."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    local = Path(name).expanduser()
+    source = str(local) if local.is_dir() else name
+    offline = not local.is_dir() and not _hub_reachable()  # fail at once instead of after the hub's retries
+    parts = {}
+    for sub, cls in [
+        ("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel),
+        ("tokenizer", CLIPTokenizer), ("scheduler", DDPMScheduler),
+    ]:  # fmt: skip
+        kwargs = dict(torch_dtype=dtype) if sub in ("unet", "vae", "text_encoder") else {}
+        try:
+            parts[sub] = cls.from_pretrained(
+                source, subfolder=sub, revision=revision, local_files_only=offline, **kwargs
+            )
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"Stable Diffusion {name!r}: cannot load {sub}/ ({next(iter(str(e).splitlines()), '')}); expected a "
+                f"diffusers folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/, e.g. `huggingface-cli download "
+                f"stabilityai/stable-diffusion-2-1 --local-dir models/sd2.1` and pretrained_model_name_or_path: "
+                f"models/sd2.1"
+            ) from None
+    for sub in ("unet", "vae", "text_encoder"):
+        parts[sub].requires_grad_(False).eval()
+    return parts
+
+
+def capture_block_outputs(unet: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    """Forward hooks keeping the latest output of each down block, the mid block and each up block (in order)."""
+    outputs: dict[str, torch.Tensor | None] = {}
+    names = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + ["mid_block"]
+    names += [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+    for name in names:
+        outputs[name] = None  # fixes the order of the dict
+
+        def hook(module, args, out, name=name):
+            outputs[name] = out[0] if isinstance(out, tuple) else out  # down blocks also return their skips
+
+        unet.get_submodule(name).register_forward_hook(hook)
+    return outputs
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (their folder is renamed into place last), oldest first."""
+    found = [p for p in (output_dir / "checkpoints").glob("checkpoint-*") if (p / STATE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resume_path(cfg: PruneConfig) -> Path | None:
+    existing, wanted = checkpoints(Path(cfg.output_dir)), cfg.logging.resume_from_checkpoint
+    if wanted is None:
+        if existing:
+            raise UserError(
+                f"{cfg.output_dir} already holds {existing[-1].name}: set logging.resume_from_checkpoint=latest to "
+                f"continue that run, or choose another output_dir"
+            )
+        return None
+    if wanted == "latest":
+        return existing[-1] if existing else None
+    if not (Path(wanted) / STATE).is_file():
+        raise UserError(f"logging.resume_from_checkpoint {wanted!r} is not a checkpoint folder (no {STATE})")
+    return Path(wanted)
+
+
+def check_resume(state: dict[str, Any], cfg: PruneConfig, layout_size: int, where: Path) -> None:
+    """A checkpoint continues only the run it came from: same experts, layout and budget."""
+    for key, ours in (
+        ("num_experts", cfg.model.num_experts),
+        ("layout_size", layout_size),
+        ("budget", cfg.model.budget),
+    ):
+        if state[key] != ours:
+            raise UserError(
+                f"{where} was trained with {key} {state[key]}, the config gives {ours}: use a new output_dir"
+            )
+
+
+def save_state(accelerator: Accelerator, router: torch.nn.Module, folder: Path, state: dict, keep: int | None) -> None:
+    """accelerate state + router.pt + state.json, written to a temporary folder renamed into place when complete."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash while saving
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every process writes its RNG state there
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(accelerator.unwrap_model(router).state_dict(), tmp / "router.pt")
+        write_json_atomic(tmp / STATE, state)
+        os.replace(tmp, folder)
+        if keep:
+            for old in checkpoints(folder.parent.parent)[:-keep]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def describe_experts(router: Router, table: MacTable, unet_config: dict[str, Any]) -> dict[str, Any]:
+    """Each expert's binary code, MACs and parameter count (its UNet sliced on the meta device)."""
+    dense = meta_unet(unet_config)
+    dense_params = sum(p.numel() for p in dense.parameters())
+    experts = []
+    for k in range(router.num_experts):
+        code = router.expert_mask(k).cpu()
+        macs = int(table.macs(code).item())
+        params = sum(p.numel() for p in materialize(dense, code, table.layout).parameters())
+        experts.append(dict(
+            expert=k, macs=macs, macs_ratio=macs / table.total, params=params, params_ratio=params / dense_params,
+            code=code.int().tolist(),
+        ))  # fmt: skip
+    return dict(dense=dict(macs=table.total, params=dense_params), experts=experts)
+
+
+def write_results(out: Path, router: Router, table: MacTable, unet_config: dict[str, Any], info: dict) -> None:
+    """router.pt, router.json and experts.json; print the experts' sizes and where everything is."""
+    save_checkpoint(router.state_dict(), out / "router.pt")
+    write_json_atomic(out / "router.json", dict(info, depth_order=list(router.order)))
+    experts = describe_experts(router, table, unet_config)
+    write_json_atomic(out / "experts.json", dict(budget=info["budget"], target=info["target"], **experts))
+    rows = [(f"{e['expert']}", e) for e in experts["experts"]]
+    rows.append(("dense", dict(experts["dense"], macs_ratio=1.0, params_ratio=1.0)))
+    print(f"{'expert':>6} {'GMACs':>9} {'of dense':>8} {'params (M)':>10} {'of dense':>8}")
+    for name, e in rows:
+        macs, params = e["macs"] / 1e9, e["params"] / 1e6
+        print(f"{name:>6} {macs:>9.4f} {e['macs_ratio']:>8.1%} {params:>10.3f} {e['params_ratio']:>8.1%}")
+    print(
+        f"router:       {out / 'router.pt'} (rebuilt from {out / 'router.json'})\n"
+        f"expert codes: {out / 'experts.json'} (binary codes, MACs, parameters)\n"
+        f"checkpoints:  {out / 'checkpoints'}\n"
+        f"log, metrics: {out / 'log.txt'}, {out / 'metrics.jsonl'}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="APTP pruning: train the prompt router of a frozen SD UNet")
+    parser.add_argument("--config", required=True, help="YAML file (configs/aptp/pruning/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_train_steps=100")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    t, out = cfg.training, Path(cfg.output_dir)
+    if cfg.logging.report_to != "none" and importlib.util.find_spec(cfg.logging.report_to) is None:
+        raise UserError(f"logging.report_to {cfg.logging.report_to} needs `pip install {cfg.logging.report_to}`")
+
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # so that multi-process launches without CUDA run on gloo
+        gradient_accumulation_steps=t.gradient_accumulation_steps, mixed_precision=t.mixed_precision,
+        log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        # the codebook gets no gradient while the predictor is pre-trained
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )  # fmt: skip
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    logger = get_logger("aptp.prune", out if accelerator.is_main_process else None, rank)
+    set_seed(cfg.seed, device_specific=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.allow_tf32
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[t.mixed_precision]
+
+    resume = resume_path(cfg)
+
+    # Frozen Stable Diffusion; the UNet is gated in place: with its gates cleared it is the dense teacher.
+    sd = load_stable_diffusion(cfg.pretrained_model_name_or_path, cfg.revision, weight_dtype)
+    unet, vae, text_encoder, tokenizer, scheduler = sd.values()
+    for model in (unet, vae, text_encoder):
+        model.to(device)
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    gated = GatedUNet(unet)
+    blocks = capture_block_outputs(unet)
+    latent_hw = t.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    table = mac_table(unet.config, latent_hw, tokenizer.model_max_length, gated.layout)
+
+    state = json.loads((resume / STATE).read_text()) if resume else {}
+    if resume:
+        check_resume(state, cfg, gated.layout.size, resume)
+    budget, target = cfg.model.budget, state.get("target") or table.budget(cfg.model.budget)
+
+    data = load_captions(cfg.data.dataset_name, cfg.data.data_dir, "train", cfg.data.max_train_samples)
+    cache_dir = cfg.data.embedding_cache_dir or out / "prompt_embeddings"
+    cache = embedding_cache_path(cache_dir, cfg.model.prompt_encoder, data.captions)
+    how = "read from" if cache.is_file() else f"computed over {world} process(es) into"
+    embeddings = prompt_embeddings(data.captions, cfg.model.prompt_encoder, cache_dir, device)
+    logger.info(f"prompt embeddings of {len(data)} captions {how} {cache}")
+    dataset = CaptionedImages(data, t.resolution, t.random_flip, tokenizer, embeddings)
+    sampler = StepSampler(len(dataset), t.train_batch_size * world, rank, world, cfg.seed)
+    if sampler.steps_per_epoch == 0:
+        raise UserError(f"{data.source}: {len(data)} captions with images, fewer than one batch of all processes")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=t.train_batch_size, sampler=sampler, num_workers=cfg.data.dataloader_num_workers,
+        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
+    )  # fmt: skip
+
+    router = Router(gated.layout, embeddings.shape[1], cfg.model.num_experts)
+    global_batch = t.train_batch_size * world * t.gradient_accumulation_steps
+    lr = t.learning_rate * math.sqrt(global_batch) if t.scale_lr else t.learning_rate
+    optimizer = torch.optim.AdamW(
+        router.parameters(), lr=lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay,
+        eps=t.adam_epsilon,
+    )  # fmt: skip
+    router, optimizer = accelerator.prepare(router, optimizer)
+    step = 0
+    if resume:
+        accelerator.load_state(str(resume))
+        step = state["step"]
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        flat = {f"{s}.{k}": v for s, sec in to_dict(cfg).items() if isinstance(sec, dict) for k, v in sec.items()}
+        accelerator.init_trackers(cfg.logging.tracker_project_name, {k: v for k, v in flat.items() if v is not None})
+    logger.info(
+        f"{data.source}: {len(data)} captions with images ({data.missing} without an image skipped); "
+        f"{world} process(es) x {t.train_batch_size} x {t.gradient_accumulation_steps} accumulation = global batch "
+        f"{global_batch}, lr {lr:.3g}"
+    )
+    logger.info(
+        f"UNet {table.total / 1e9:.3f} GMACs at {t.resolution}px ({table.prunable / table.total:.1%} prunable); "
+        f"budget p={budget} -> prunable target p'={target:.4f}; {cfg.model.num_experts} experts over "
+        f"{gated.layout.size} gates" + (f"; resumed from {resume} at step {step}" if resume else "")
+    )
+
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    prediction_type = scheduler.config.prediction_type
+
+    def losses(batch: dict[str, Any], pretrain: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        emb = batch["prompt_embeds"].to(device)
+        with torch.no_grad():
+            latents = vae.encode(batch["pixel_values"].to(device, weight_dtype)).latent_dist.sample()
+            latents = latents * vae.config.scaling_factor
+            text = text_encoder(batch["input_ids"].to(device))[0]
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), device=device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target_v = scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" else noise
+        routing = router(emb, pretrain=pretrain)  # float32: the gates are compared and binarised
+        with accelerator.autocast():
+            gated.clear()  # the teacher first: gradient checkpointing re-runs the student under its gates
+            with torch.no_grad():
+                teacher = unet(noisy, timesteps, text).sample
+            teacher_blocks = dict(blocks)
+            gated.set_code(routing.mask)
+            student = unet(noisy, timesteps, text).sample
+            rho = table.rho(routing.mask)
+            terms = dict(
+                ddpm=ddpm_loss(student, target_v, timesteps, alphas_cumprod, t.snr_gamma, prediction_type),
+                distill=distill_loss(student, teacher),
+                block=block_loss([blocks[k] for k in teacher_blocks], list(teacher_blocks.values())),
+                resource=resource_loss(rho, target),
+                contrastive=contrastive_loss(routing.arch, emb, t.contrastive_temperature),
+                std=std_loss(rho),
+                max=max_loss(rho),
+            )  # fmt: skip
+        return terms, rho
+
+    def batches():
+        """Batches from the current step on, epoch after epoch; the order depends only on the seed and the step."""
+        micro = step * t.gradient_accumulation_steps
+        while True:
+            sampler.set_position(*divmod(micro, sampler.steps_per_epoch))
+            for batch in loader:
+                micro += 1
+                yield batch
+
+    def checkpoint() -> None:
+        folder = out / "checkpoints" / f"checkpoint-{step}"
+        meta = dict(
+            step=step, budget=budget, target=target, num_experts=cfg.model.num_experts,
+            layout_size=gated.layout.size, prompt_dim=int(embeddings.shape[1]), world_size=world,
+            train_batch_size=t.train_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        )  # fmt: skip
+        save_state(accelerator, router, folder, meta, cfg.logging.checkpoints_total_limit)
+        logger.info(f"saved {folder}")
+
+    preemption = _Preemption()
+    metrics_file = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
+    running: dict[str, torch.Tensor] = {}
+    unreadable: set[int] = set()
+    nan_steps, unreadable_total, saved_step, preempted = 0, 0, step, False
+    log_time, log_step = time.perf_counter(), step
+    bar = tqdm(total=t.max_train_steps, initial=step, desc="prune", disable=not accelerator.is_main_process)
+    data_iter = batches()
+    router.train()
+    try:
+        while step < t.max_train_steps:
+            pretrain = step < t.pretrain_steps
+            for group in optimizer.param_groups:  # constant after a linear warm-up
+                group["lr"] = lr * min(1.0, (step + 1) / max(1, t.lr_warmup_steps))
+            for _ in range(t.gradient_accumulation_steps):
+                batch = next(data_iter)
+                for i, reason in batch["unreadable"]:
+                    if not unreadable:
+                        print(
+                            f"[rank {rank}] skipping unreadable image {reason}; further ones are counted",
+                            file=sys.stderr,
+                        )
+                    unreadable.add(i)
+                with accelerator.accumulate(router):
+                    terms, rho = losses(batch, pretrain)
+                    loss = cfg.losses.total(terms)
+                    accelerator.backward(loss)  # divided by the accumulation steps
+                for k, v in {**terms, "loss": loss, "rho": rho.mean()}.items():
+                    running[k] = running.get(k, 0) + v.detach().float() / t.gradient_accumulation_steps
+            norm = accelerator.clip_grad_norm_(router.parameters(), t.max_grad_norm)
+            finite = bool(torch.isfinite(norm))  # gradients are all-reduced: every process decides alike
+            if finite or accelerator.scaler is not None:  # fp16: the scaler skips the step and lowers its scale
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not finite:
+                nan_steps += 1
+                if nan_steps > t.max_nan_steps:
+                    raise UserError(
+                        f"{nan_steps} steps had a non-finite gradient (training.max_nan_steps): lower the lr"
+                    )
+            step += 1
+            bar.update(1)
+
+            if step % cfg.logging.logging_steps == 0 or step == t.max_train_steps:
+                n = step - log_step
+                record = {k: accelerator.reduce(v / n, "mean").item() for k, v in running.items()}
+                unreadable_total = len(set(gather_object(sorted(unreadable))))  # rows met by any process
+                record.update(
+                    step=step, phase="pretrain" if pretrain else "routed", lr=optimizer.param_groups[0]["lr"],
+                    steps_per_sec=n / (time.perf_counter() - log_time), nan_steps=nan_steps,
+                    unreadable=unreadable_total,
+                )  # fmt: skip
+                if accelerator.is_main_process:
+                    logger.info(f"step {step} ({record['phase']}) " + " ".join(f"{k}={record[k]:.4g}" for k in running))
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(loss=f"{record['loss']:.4g}", rho=f"{record['rho']:.3f}")
+                accelerator.log({k: v for k, v in record.items() if k != "phase"}, step=step)
+                running, log_time, log_step = {}, time.perf_counter(), step
+
+            if step % cfg.logging.checkpointing_steps == 0 or step == t.max_train_steps:
+                checkpoint()
+                saved_step = step
+            stop = torch.tensor(float(preemption.requested), device=device)
+            if accelerator.reduce(stop, "sum").item() > 0:  # a signal may reach only some processes
+                logger.info(f"preemption signal: checkpointing at step {step} and exiting")
+                preempted = True
+                break
+        if saved_step != step:
+            checkpoint()
+    finally:
+        bar.close()
+        preemption.restore()
+        if metrics_file is not None:
+            metrics_file.close()
+        accelerator.end_training()
+
+    if preempted:
+        logger.info(f"stopped at step {step}; continue with logging.resume_from_checkpoint=latest")
+        return
+    if accelerator.is_main_process:
+        info = dict(
+            pretrained_model_name_or_path=cfg.pretrained_model_name_or_path, prompt_encoder=cfg.model.prompt_encoder,
+            prompt_dim=int(embeddings.shape[1]), num_experts=cfg.model.num_experts, layout_size=gated.layout.size,
+            resolution=t.resolution, budget=budget, target=target, steps=step,
+        )  # fmt: skip
+        write_results(out, accelerator.unwrap_model(router).eval(), table, dict(unet.config), info)
+        print(f"done: {step} steps; non-finite steps skipped: {nan_steps}; unreadable images met: {unreadable_total}")
+
+
+if __name__ == "__main__":
+    run(main)
