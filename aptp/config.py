@@ -38,6 +38,7 @@ class ModelConfig:
     prompt_encoder: str = DEFAULT_ENCODER  # a local sentence-transformers folder or a hub id
     num_experts: int = 8
     budget: float = 0.6  # keep this fraction of the dense UNet's MACs on average
+    optimal_transport: bool = True  # False: each prompt takes its most similar code (a baseline)
 
 
 @dataclass
@@ -100,6 +101,85 @@ class PruneConfig:
         checks += [(getattr(t, k) > 0, f"training.{k} must be positive") for k in positive]
         checks += [(t.pretrain_steps >= 0 and t.lr_warmup_steps >= 0, "training step counts must be >= 0")]
         checks += [(log.checkpointing_steps > 0 and log.logging_steps > 0, "logging step intervals must be positive")]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"config: {message}")
+        return self
+
+
+@dataclass
+class FinetuneDataConfig:
+    dataset_name: str | None = None  # cc3m | coco; None: the dataset the captions were filtered from
+    data_dir: str | None = None  # None: the folder the captions were filtered from (<pruning_dir>/filtered/train.json)
+    max_train_samples: int | None = None  # keep the expert's first N captions (None: all)
+    dataloader_num_workers: int = 8
+
+
+@dataclass
+class FinetuneTrainingConfig:
+    resolution: int = 256
+    random_flip: bool = True
+    train_batch_size: int = 128  # per process
+    max_train_steps: int = 30000
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    learning_rate: float = 1e-5
+    scale_lr: bool = True  # learning_rate * sqrt(global batch)
+    lr_warmup_steps: int = 250  # then constant
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    allow_tf32: bool = True
+    snr_gamma: float = 5.0
+    use_ema: bool = False  # also keep an exponential moving average of the weights; the saved expert is the EMA
+    ema_decay: float = 0.9999
+    max_nan_steps: int = 100  # stop after this many steps with a non-finite gradient
+
+
+@dataclass(frozen=True)
+class FinetuneLossWeights:
+    """DDPM + output and block distillation from the dense UNet (defaults: the CC3M recipe; COCO: 1.0/0.2/0.2)."""
+
+    ddpm: float = 0.01
+    distill: float = 0.5
+    block: float = 0.5
+
+    total = LossWeights.total  # the weighted sum of the named losses
+
+
+@dataclass
+class FinetuneLoggingConfig(LoggingConfig):
+    tracker_project_name: str = "aptp-finetuning"
+
+
+@dataclass
+class FinetuneConfig:
+    pruning_dir: str = "results/aptp/pruning"  # a finished aptp.prune run, filtered by aptp.filter_dataset
+    pretrained_model_name_or_path: str | None = None  # None: the model the router was trained on (router.json)
+    revision: str | None = None
+    output_dir: str | None = None  # None or "": <pruning_dir>/finetuning/expert_<K>
+    seed: int = 43
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    training: FinetuneTrainingConfig = field(default_factory=FinetuneTrainingConfig)
+    losses: FinetuneLossWeights = field(default_factory=FinetuneLossWeights)
+    logging: FinetuneLoggingConfig = field(default_factory=FinetuneLoggingConfig)
+
+    def validate(self) -> FinetuneConfig:
+        t, log = self.training, self.logging
+        checks = [
+            (self.data.dataset_name in (None, "cc3m", "coco"), "data.dataset_name must be cc3m, coco or null"),
+            (t.resolution > 0 and t.resolution % 8 == 0, "training.resolution must be a positive multiple of 8"),
+            (t.mixed_precision in ("no", "fp16", "bf16"), "training.mixed_precision must be no, fp16 or bf16"),
+            (0 <= t.ema_decay < 1, "training.ema_decay must be in [0, 1)"),
+            (t.lr_warmup_steps >= 0, "training.lr_warmup_steps must be >= 0"),
+            (log.report_to in ("none", "wandb", "tensorboard"), "logging.report_to must be none, wandb or tensorboard"),
+            (log.checkpointing_steps > 0 and log.logging_steps > 0, "logging step intervals must be positive"),
+        ]
+        positive = ["train_batch_size", "max_train_steps", "gradient_accumulation_steps", "learning_rate"]
+        checks += [(getattr(t, k) > 0, f"training.{k} must be positive") for k in positive]
         for ok, message in checks:
             if not ok:
                 raise UserError(f"config: {message}")

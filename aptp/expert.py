@@ -171,7 +171,10 @@ def save_expert(expert: UNet2DConditionModel, code: torch.Tensor | Sequence[int]
         raise ValueError(f"the expert was not sliced by this code: {problems}")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / BASE_CONFIG, dict(expert.config))
+    # a UNet loaded from a Path keeps it in _name_or_path; JSON takes it as a string
+    write_json_atomic(
+        folder / BASE_CONFIG, {k: str(v) if isinstance(v, os.PathLike) else v for k, v in expert.config.items()}
+    )
     write_json_atomic(folder / CODE, {"code": keep.int().tolist()})
     save_checkpoint(state, folder / WEIGHTS)
     return folder

@@ -53,8 +53,17 @@ from .router import Router, _hub_reachable
 STATE = "state.json"
 
 
-def load_stable_diffusion(name: str, revision: str | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """{unet, vae, text_encoder (frozen, eval, in ``dtype``), tokenizer, scheduler} of an SD folder or hub id."""
+SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def load_stable_diffusion(
+    name: str,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    subfolders: tuple[str, ...] = SD_SUBFOLDERS,
+) -> dict[str, Any]:
+    """{unet, vae, text_encoder (frozen, eval, in ``dtype``), tokenizer, scheduler} of an SD folder or hub id, or
+    only those of them named in ``subfolders``."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -66,6 +75,8 @@ def load_stable_diffusion(name: str, revision: str | None = None, dtype: torch.d
         ("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel),
         ("tokenizer", CLIPTokenizer), ("scheduler", DDPMScheduler),
     ]:  # fmt: skip
+        if sub not in subfolders:
+            continue
         kwargs = dict(torch_dtype=dtype) if sub in ("unet", "vae", "text_encoder") else {}
         try:
             parts[sub] = cls.from_pretrained(
@@ -78,7 +89,7 @@ def load_stable_diffusion(name: str, revision: str | None = None, dtype: torch.d
                 f"stabilityai/stable-diffusion-2-1 --local-dir models/sd2.1` and pretrained_model_name_or_path: "
                 f"models/sd2.1"
             ) from None
-    for sub in ("unet", "vae", "text_encoder"):
+    for sub in {"unet", "vae", "text_encoder"} & parts.keys():
         parts[sub].requires_grad_(False).eval()
     return parts
 
@@ -133,8 +144,12 @@ def check_resume(state: dict[str, Any], cfg: PruneConfig, layout_size: int, wher
             )
 
 
-def save_state(accelerator: Accelerator, router: torch.nn.Module, folder: Path, state: dict, keep: int | None) -> None:
-    """accelerate state + router.pt + state.json, written to a temporary folder renamed into place when complete."""
+def save_state(
+    accelerator: Accelerator, router: torch.nn.Module, folder: Path, state: dict, keep: int | None,
+    weights: str = "router.pt",
+) -> None:  # fmt: skip
+    """accelerate state + the module's weights (``weights``: router.pt) + state.json, written to a temporary folder
+    renamed into place when complete."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)  # left by a crash while saving
@@ -142,7 +157,7 @@ def save_state(accelerator: Accelerator, router: torch.nn.Module, folder: Path, 
     accelerator.save_state(str(tmp))  # every process writes its RNG state there
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_checkpoint(accelerator.unwrap_model(router).state_dict(), tmp / "router.pt")
+        save_checkpoint(accelerator.unwrap_model(router).state_dict(), tmp / weights)
         write_json_atomic(tmp / STATE, state)
         os.replace(tmp, folder)
         if keep:
@@ -245,7 +260,9 @@ def main(argv: list[str] | None = None) -> None:
         collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
     )  # fmt: skip
 
-    router = Router(gated.layout, embeddings.shape[1], cfg.model.num_experts)
+    router = Router(
+        gated.layout, embeddings.shape[1], cfg.model.num_experts, optimal_transport=cfg.model.optimal_transport
+    )
     global_batch = t.train_batch_size * world * t.gradient_accumulation_steps
     lr = t.learning_rate * math.sqrt(global_batch) if t.scale_lr else t.learning_rate
     optimizer = torch.optim.AdamW(
@@ -410,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
             pretrained_model_name_or_path=cfg.pretrained_model_name_or_path, prompt_encoder=cfg.model.prompt_encoder,
             prompt_dim=int(embeddings.shape[1]), num_experts=cfg.model.num_experts, layout_size=gated.layout.size,
             resolution=t.resolution, budget=budget, target=target, steps=step,
+            optimal_transport=cfg.model.optimal_transport,
         )  # fmt: skip
         write_results(out, accelerator.unwrap_model(router).eval(), table, dict(unet.config), info)
         print(f"done: {step} steps; non-finite steps skipped: {nan_steps}; unreadable images met: {unreadable_total}")
