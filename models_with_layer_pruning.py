@@ -496,6 +496,7 @@ for _d in _SHALLOW_XL:
     DiT_models[f"DiT-D{_d}/2"] = _factory(_d, 1152, 16, 2)
 for _name, (_d, _g) in _LEARNABLE.items():
     DiT_models[_name] = _factory(_d, 1152, 16, 2, _g)
+DiT_models["DiT-Digits/2"] = _factory(12, 128, 4, 2)  # the digits demo: 8x8 pixels, 16 tokens, 3.65M params
 
 
 def create_model(name: str, groups: Groups | str | None = None, **kwargs) -> DiT:

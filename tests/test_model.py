@@ -109,7 +109,7 @@ def test_official_layout_and_parameter_counts(name, depth, params):
 def test_registry_has_every_name():
     expected = {f"DiT-{s}/{p}" for s in ("Ti", "S", "B", "L", "XL") for p in (2, 4, 8)}
     expected |= {"DiT-D19/2", "DiT-D14/2", "DiT-D7/2", "DiT-XL-1-2", "DiT-XL-2-4", "DiT-XL-7-14",
-                 "DiT-XL-1-4", "DiT-D14-1-2", "DiT-D14-2-4"}  # fmt: skip
+                 "DiT-XL-1-4", "DiT-D14-1-2", "DiT-D14-2-4", "DiT-Digits/2"}  # fmt: skip
     assert set(DiT_models) == expected
     kept = {"DiT-XL-1-2": 14, "DiT-XL-2-4": 14, "DiT-XL-7-14": 14, "DiT-XL-1-4": 7, "DiT-D14-1-2": 7, "DiT-D14-2-4": 7}
     for name, n_kept in kept.items():
