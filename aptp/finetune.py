@@ -24,30 +24,28 @@ import argparse
 import importlib.util
 import json
 import math
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import UNet2DConditionModel
-from tqdm.auto import tqdm
 
 from diffcompress.checkpoint import load_file
 from diffcompress.cli import run
 from diffcompress.distributed import get_logger
 from diffcompress.ema import create_ema, update_ema
 from diffcompress.errors import UserError
-from diffcompress.trainer import StepSampler, _Preemption
+from diffcompress.trainer import StepSampler
 
 from .assignments import expert_code, read_expert_rows, read_experts, read_router_info, read_summary, summary_path
 from .config import FinetuneConfig, load_config, to_dict
 from .data import CaptionedImages, CaptionTable, collate, load_captions
 from .expert import materialize, save_expert
 from .layout import ArchLayout
+from .loop import run_steps
 from .losses import block_loss, ddpm_loss, distill_loss
 from .prune import STATE, capture_block_outputs, load_stable_diffusion, resume_path, save_state
 
@@ -217,16 +215,11 @@ def main(argv: list[str] | None = None) -> None:
                 block=block_loss(list(student_blocks.values()), list(teacher_blocks.values())),
             )
 
-    def batches():
-        """Batches from the current step on, epoch after epoch; the order depends only on the seed and the step."""
-        micro = step * t.gradient_accumulation_steps
-        while True:
-            sampler.set_position(*divmod(micro, sampler.steps_per_epoch))
-            for batch in loader:
-                micro += 1
-                yield batch
+    def micro_step(batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        terms = losses(batch)
+        return {**terms, "loss": cfg.losses.total(terms)}
 
-    def checkpoint() -> None:
+    def checkpoint(step: int) -> None:
         folder = out / "checkpoints" / f"checkpoint-{step}"
         meta = dict(
             step=step, expert_id=expert_id, code=code.tolist(), pruning_dir=str(pruning_dir), train_rows=len(data),
@@ -237,86 +230,12 @@ def main(argv: list[str] | None = None) -> None:
         save_state(accelerator, weights, folder, meta, cfg.logging.checkpoints_total_limit, weights=WEIGHTS)
         logger.info(f"saved {folder}")
 
-    preemption = _Preemption()
-    metrics_file = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
-    running: dict[str, torch.Tensor] = {}
-    unreadable: set[int] = set()
-    nan_steps, unreadable_total, saved_step, preempted = 0, 0, step, False
-    log_time, log_step = time.perf_counter(), step
-    bar = tqdm(
-        total=t.max_train_steps, initial=step, desc=f"expert {expert_id}", disable=not accelerator.is_main_process
-    )
-    data_iter = batches()
-    try:
-        while step < t.max_train_steps:
-            for group in optimizer.param_groups:  # constant after a linear warm-up
-                group["lr"] = lr * min(1.0, (step + 1) / max(1, t.lr_warmup_steps))
-            for _ in range(t.gradient_accumulation_steps):
-                batch = next(data_iter)
-                for i, reason in batch["unreadable"]:
-                    if not unreadable:
-                        print(
-                            f"[rank {rank}] skipping unreadable image {reason}; further ones are counted",
-                            file=sys.stderr,
-                        )
-                    unreadable.add(i)
-                with accelerator.accumulate(expert):
-                    terms = losses(batch)
-                    loss = cfg.losses.total(terms)
-                    accelerator.backward(loss)  # divided by the accumulation steps
-                for k, v in {**terms, "loss": loss}.items():
-                    running[k] = running.get(k, 0) + v.detach().float() / t.gradient_accumulation_steps
-            norm = accelerator.clip_grad_norm_(expert.parameters(), t.max_grad_norm)
-            finite = bool(torch.isfinite(norm))  # gradients are all-reduced: every process decides alike
-            if finite or accelerator.scaler is not None:  # fp16: the scaler skips the step and lowers its scale
-                optimizer.step()
-                if ema is not None:
-                    update_ema(ema, accelerator.unwrap_model(expert), t.ema_decay)
-            optimizer.zero_grad(set_to_none=True)
-            if not finite:
-                nan_steps += 1
-                if nan_steps > t.max_nan_steps:
-                    raise UserError(
-                        f"{nan_steps} steps had a non-finite gradient (training.max_nan_steps): lower the lr"
-                    )
-            step += 1
-            bar.update(1)
-
-            if step % cfg.logging.logging_steps == 0 or step == t.max_train_steps:
-                n = step - log_step
-                record = {k: accelerator.reduce(v / n, "mean").item() for k, v in running.items()}
-                unreadable_total = len(set(gather_object(sorted(unreadable))))  # rows met by any process
-                record.update(
-                    step=step, lr=optimizer.param_groups[0]["lr"], steps_per_sec=n / (time.perf_counter() - log_time),
-                    nan_steps=nan_steps, unreadable=unreadable_total,
-                )  # fmt: skip
-                if accelerator.is_main_process:
-                    logger.info(f"step {step} " + " ".join(f"{k}={record[k]:.4g}" for k in running))
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    bar.set_postfix(loss=f"{record['loss']:.4g}")
-                accelerator.log(record, step=step)
-                running, log_time, log_step = {}, time.perf_counter(), step
-
-            if step % cfg.logging.checkpointing_steps == 0 or step == t.max_train_steps:
-                checkpoint()
-                saved_step = step
-            stop = torch.tensor(float(preemption.requested), device=device)
-            if accelerator.reduce(stop, "sum").item() > 0:  # a signal may reach only some processes
-                logger.info(f"preemption signal: checkpointing at step {step} and exiting")
-                preempted = True
-                break
-        if saved_step != step:
-            checkpoint()
-    finally:
-        bar.close()
-        preemption.restore()
-        if metrics_file is not None:
-            metrics_file.close()
-        accelerator.end_training()
-
-    if preempted:
-        logger.info(f"stopped at step {step}; continue with logging.resume_from_checkpoint=latest")
+    result = run_steps(
+        accelerator, expert, optimizer, loader, sampler, step=step, lr=lr, training=t, logging=cfg.logging, out=out,
+        logger=logger, desc=f"expert {expert_id}", loss_fn=micro_step, checkpoint=checkpoint,
+        after_update=None if ema is None else lambda: update_ema(ema, accelerator.unwrap_model(expert), t.ema_decay),
+    )  # fmt: skip
+    if result.preempted:
         return
     if accelerator.is_main_process:
         raw = accelerator.unwrap_model(expert)
@@ -326,8 +245,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"raw weights:  {save_expert(raw, code, out / 'expert_raw')}")
         print(
             f"checkpoints:  {out / 'checkpoints'}\nlog, metrics: {out / 'log.txt'}, {out / 'metrics.jsonl'}\n"
-            f"done: {step} steps; non-finite steps skipped: {nan_steps}; unreadable images met: {unreadable_total}; "
-            f"load the expert with aptp.expert.load_expert({str(saved)!r})"
+            f"done: {result.step} steps; non-finite steps skipped: {result.nan_steps}; unreadable images met: "
+            f"{result.unreadable}; load the expert with aptp.expert.load_expert({str(saved)!r})"
         )
 
 

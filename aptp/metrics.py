@@ -283,7 +283,7 @@ def load_clip(name_or_path: str, device: str | torch.device = "cpu", flag: str =
                     folder = f"models/{name_or_path.split('/')[-1]}"
                     raise UserError(
                         f"CLIP model {name_or_path!r} ({flag}) is neither a local folder nor in the hub cache, and the "
-                        f"hub cannot be reached. On a machine with network run `huggingface-cli download "
+                        f"hub cannot be reached. On a machine with network run `hf download "
                         f"{name_or_path} --local-dir {folder}`, copy that folder here and pass {flag} {folder}"
                     ) from None
                 model, processor = load(name_or_path, False)

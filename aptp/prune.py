@@ -24,28 +24,26 @@ import json
 import math
 import os
 import shutil
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
-from tqdm.auto import tqdm
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
 from diffcompress.checkpoint import save_checkpoint, write_json_atomic
 from diffcompress.cli import run
 from diffcompress.distributed import get_logger
 from diffcompress.errors import UserError
-from diffcompress.trainer import StepSampler, _Preemption
+from diffcompress.trainer import StepSampler
 
 from .config import PruneConfig, load_config, to_dict
 from .data import CaptionedImages, collate, embedding_cache_path, load_captions, prompt_embeddings
 from .expert import materialize
 from .gated_unet import GatedUNet
 from .layout import meta_unet
+from .loop import run_steps
 from .losses import block_loss, contrastive_loss, ddpm_loss, distill_loss, max_loss, resource_loss, std_loss
 from .macs import MacTable, mac_table
 from .router import Router, _hub_reachable
@@ -85,7 +83,7 @@ def load_stable_diffusion(
         except (OSError, ValueError) as e:
             raise UserError(
                 f"Stable Diffusion {name!r}: cannot load {sub}/ ({next(iter(str(e).splitlines()), '')}); expected a "
-                f"diffusers folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/, e.g. `huggingface-cli download "
+                f"diffusers folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/, e.g. `hf download "
                 f"stabilityai/stable-diffusion-2-1 --local-dir models/sd2.1` and pretrained_model_name_or_path: "
                 f"models/sd2.1"
             ) from None
@@ -323,16 +321,11 @@ def main(argv: list[str] | None = None) -> None:
             )  # fmt: skip
         return terms, rho
 
-    def batches():
-        """Batches from the current step on, epoch after epoch; the order depends only on the seed and the step."""
-        micro = step * t.gradient_accumulation_steps
-        while True:
-            sampler.set_position(*divmod(micro, sampler.steps_per_epoch))
-            for batch in loader:
-                micro += 1
-                yield batch
+    def micro_step(batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        terms, rho = losses(batch, pretrain=step < t.pretrain_steps)
+        return {**terms, "loss": cfg.losses.total(terms), "rho": rho.mean()}
 
-    def checkpoint() -> None:
+    def checkpoint(step: int) -> None:
         folder = out / "checkpoints" / f"checkpoint-{step}"
         meta = dict(
             step=step, budget=budget, target=target, num_experts=cfg.model.num_experts,
@@ -342,95 +335,25 @@ def main(argv: list[str] | None = None) -> None:
         save_state(accelerator, router, folder, meta, cfg.logging.checkpoints_total_limit)
         logger.info(f"saved {folder}")
 
-    preemption = _Preemption()
-    metrics_file = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
-    running: dict[str, torch.Tensor] = {}
-    unreadable: set[int] = set()
-    nan_steps, unreadable_total, saved_step, preempted = 0, 0, step, False
-    log_time, log_step = time.perf_counter(), step
-    bar = tqdm(total=t.max_train_steps, initial=step, desc="prune", disable=not accelerator.is_main_process)
-    data_iter = batches()
-    router.train()
-    try:
-        while step < t.max_train_steps:
-            pretrain = step < t.pretrain_steps
-            for group in optimizer.param_groups:  # constant after a linear warm-up
-                group["lr"] = lr * min(1.0, (step + 1) / max(1, t.lr_warmup_steps))
-            for _ in range(t.gradient_accumulation_steps):
-                batch = next(data_iter)
-                for i, reason in batch["unreadable"]:
-                    if not unreadable:
-                        print(
-                            f"[rank {rank}] skipping unreadable image {reason}; further ones are counted",
-                            file=sys.stderr,
-                        )
-                    unreadable.add(i)
-                with accelerator.accumulate(router):
-                    terms, rho = losses(batch, pretrain)
-                    loss = cfg.losses.total(terms)
-                    accelerator.backward(loss)  # divided by the accumulation steps
-                for k, v in {**terms, "loss": loss, "rho": rho.mean()}.items():
-                    running[k] = running.get(k, 0) + v.detach().float() / t.gradient_accumulation_steps
-            norm = accelerator.clip_grad_norm_(router.parameters(), t.max_grad_norm)
-            finite = bool(torch.isfinite(norm))  # gradients are all-reduced: every process decides alike
-            if finite or accelerator.scaler is not None:  # fp16: the scaler skips the step and lowers its scale
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if not finite:
-                nan_steps += 1
-                if nan_steps > t.max_nan_steps:
-                    raise UserError(
-                        f"{nan_steps} steps had a non-finite gradient (training.max_nan_steps): lower the lr"
-                    )
-            step += 1
-            bar.update(1)
-
-            if step % cfg.logging.logging_steps == 0 or step == t.max_train_steps:
-                n = step - log_step
-                record = {k: accelerator.reduce(v / n, "mean").item() for k, v in running.items()}
-                unreadable_total = len(set(gather_object(sorted(unreadable))))  # rows met by any process
-                record.update(
-                    step=step, phase="pretrain" if pretrain else "routed", lr=optimizer.param_groups[0]["lr"],
-                    steps_per_sec=n / (time.perf_counter() - log_time), nan_steps=nan_steps,
-                    unreadable=unreadable_total,
-                )  # fmt: skip
-                if accelerator.is_main_process:
-                    logger.info(f"step {step} ({record['phase']}) " + " ".join(f"{k}={record[k]:.4g}" for k in running))
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    bar.set_postfix(loss=f"{record['loss']:.4g}", rho=f"{record['rho']:.3f}")
-                accelerator.log({k: v for k, v in record.items() if k != "phase"}, step=step)
-                running, log_time, log_step = {}, time.perf_counter(), step
-
-            if step % cfg.logging.checkpointing_steps == 0 or step == t.max_train_steps:
-                checkpoint()
-                saved_step = step
-            stop = torch.tensor(float(preemption.requested), device=device)
-            if accelerator.reduce(stop, "sum").item() > 0:  # a signal may reach only some processes
-                logger.info(f"preemption signal: checkpointing at step {step} and exiting")
-                preempted = True
-                break
-        if saved_step != step:
-            checkpoint()
-    finally:
-        bar.close()
-        preemption.restore()
-        if metrics_file is not None:
-            metrics_file.close()
-        accelerator.end_training()
-
-    if preempted:
-        logger.info(f"stopped at step {step}; continue with logging.resume_from_checkpoint=latest")
+    result = run_steps(
+        accelerator, router, optimizer, loader, sampler, step=step, lr=lr, training=t, logging=cfg.logging, out=out,
+        logger=logger, desc="prune", loss_fn=micro_step, checkpoint=checkpoint,
+        phase=lambda step: "pretrain" if step < t.pretrain_steps else "routed", postfix={"loss": ".4g", "rho": ".3f"},
+    )  # fmt: skip
+    if result.preempted:
         return
     if accelerator.is_main_process:
         info = dict(
             pretrained_model_name_or_path=cfg.pretrained_model_name_or_path, prompt_encoder=cfg.model.prompt_encoder,
             prompt_dim=int(embeddings.shape[1]), num_experts=cfg.model.num_experts, layout_size=gated.layout.size,
-            resolution=t.resolution, budget=budget, target=target, steps=step,
+            resolution=t.resolution, budget=budget, target=target, steps=result.step,
             optimal_transport=cfg.model.optimal_transport,
         )  # fmt: skip
         write_results(out, accelerator.unwrap_model(router).eval(), table, dict(unet.config), info)
-        print(f"done: {step} steps; non-finite steps skipped: {nan_steps}; unreadable images met: {unreadable_total}")
+        print(
+            f"done: {result.step} steps; non-finite steps skipped: {result.nan_steps}; unreadable images met: "
+            f"{result.unreadable}"
+        )
 
 
 if __name__ == "__main__":

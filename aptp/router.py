@@ -70,7 +70,7 @@ def _from_hub(repo_id: str, device: str) -> SentenceTransformer:
         if not _hub_reachable():
             raise UserError(
                 f"prompt encoder {repo_id!r} is neither a local folder nor in the hub cache, and the hub cannot be "
-                f"reached. On a machine with network run `huggingface-cli download {repo_id} --local-dir "
+                f"reached. On a machine with network run `hf download {repo_id} --local-dir "
                 f"encoders/{repo_id.split('/')[-1]}`, copy that folder here and pass its path"
             ) from None
     return SentenceTransformer(repo_id, device=device)

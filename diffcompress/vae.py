@@ -67,6 +67,6 @@ def load_vae(spec: str, device: torch.device | str = "cpu") -> PixelCodec | VAEC
     except Exception as e:  # offline, unknown id, or a partial download: one clear line
         raise UserError(
             f"--vae {spec}: could not load {repo!r} from the hub ({type(e).__name__}). Without network, download it "
-            f"elsewhere (huggingface-cli download {repo} --local-dir vae/) and pass --vae vae/, or use --vae none"
+            f"elsewhere (hf download {repo} --local-dir vae/) and pass --vae vae/, or use --vae none"
         ) from None
     return VAECodec(vae.to(device), repo)

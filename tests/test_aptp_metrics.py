@@ -223,7 +223,7 @@ def test_clip_model_offline_error(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for part in ("openai/clip-vit-large-patch14-336", "huggingface-cli download", "--cmmd-model"):
+    for part in ("openai/clip-vit-large-patch14-336", "hf download", "--cmmd-model"):
         assert part in lines[0]
 
 

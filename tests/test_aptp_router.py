@@ -330,7 +330,7 @@ def test_encoder_from_local_folder(encoder_dir, layout):
 
 def test_encoder_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="huggingface-cli download diffcompress-tests/no-such-encoder") as e:
+    with pytest.raises(UserError, match="hf download diffcompress-tests/no-such-encoder") as e:
         load_sentence_encoder("diffcompress-tests/no-such-encoder")
     assert "\n" not in str(e.value)
     (tmp_path / "notes.txt").write_text("not a model")

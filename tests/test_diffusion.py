@@ -53,7 +53,10 @@ def test_p_mean_variance_and_ddim_step_match_reference(reference, reference_mode
         ddim = d.ddim_sample(reference_model, ref["p_x"], ref["p_t10"], clip_denoised=False, model_kwargs=kwargs)
     assert (out["mean"] - ref["p_mean"]).abs().max().item() < 1e-5
     assert (out["log_variance"] - ref["p_log_variance"]).abs().max().item() < 1e-5
-    assert (out["pred_xstart"] - ref["p_pred_xstart"]).abs().max().item() < 1e-5
+    # x0 = x / sqrt(abar) - sqrt(1 / abar - 1) * eps: at late steps both terms reach ~300, so float32 rounding of
+    # the model's matmuls (which differs across CPUs) leaves errors of a few ulps of 300 after the cancellation
+    scale = ref["p_pred_xstart"].abs().max().item()
+    torch.testing.assert_close(out["pred_xstart"], ref["p_pred_xstart"], rtol=0, atol=1e-6 * scale)
     assert (ddim["sample"] - ref["ddim_sample_eta0"]).abs().max().item() < 1e-5
 
 

@@ -1,0 +1,165 @@
+"""The training loop shared by APTP's pruning (``aptp.prune``) and fine-tuning (``aptp.finetune``) stages.
+
+    result = run_steps(accelerator, model, optimizer, loader, sampler, step=..., lr=..., training=cfg.training,
+                       logging=cfg.logging, out=out, logger=logger, desc="prune",
+                       loss_fn=lambda batch, step: {..., "loss": total}, checkpoint=lambda step: ...)
+
+Each optimizer step accumulates ``training.gradient_accumulation_steps`` micro-batches; ``loss_fn(batch, step)``
+returns the values to log, ``"loss"`` being the one back-propagated. The lr rises linearly over
+``training.lr_warmup_steps`` and stays constant; gradients are clipped and a step with a non-finite norm is skipped
+(at most ``training.max_nan_steps`` of them). Every ``logging.logging_steps`` the running means go to ``log.txt``,
+``metrics.jsonl``, the tqdm bar and the trackers; every ``logging.checkpointing_steps`` and at the end
+``checkpoint(step)`` is called, and on SIGTERM/SIGUSR1 too before the loop stops early.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as pylogging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from diffcompress.errors import UserError
+from diffcompress.trainer import StepSampler, _Preemption
+
+from .config import FinetuneTrainingConfig, LoggingConfig, TrainingConfig
+
+
+@dataclass
+class LoopResult:
+    step: int  # the step reached
+    preempted: bool  # stopped early by a signal (a checkpoint was written)
+    nan_steps: int  # steps skipped for a non-finite gradient
+    unreadable: int  # unreadable images met by any process (as of the last log)
+
+
+def batches(loader: torch.utils.data.DataLoader, sampler: StepSampler, step: int, accumulation: int) -> Iterator:
+    """Batches from ``step`` on, epoch after epoch; the order depends only on the seed and the step."""
+    micro = step * accumulation
+    while True:
+        sampler.set_position(*divmod(micro, sampler.steps_per_epoch))
+        for batch in loader:
+            micro += 1
+            yield batch
+
+
+def run_steps(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: torch.utils.data.DataLoader,
+    sampler: StepSampler,
+    *,
+    step: int,
+    lr: float,
+    training: TrainingConfig | FinetuneTrainingConfig,
+    logging: LoggingConfig,
+    out: Path,
+    logger: pylogging.Logger,
+    desc: str,
+    loss_fn: Callable[[dict[str, Any], int], dict[str, torch.Tensor]],
+    checkpoint: Callable[[int], None],
+    phase: Callable[[int], str] | None = None,
+    after_update: Callable[[], None] | None = None,
+    postfix: dict[str, str] | None = None,
+) -> LoopResult:
+    """Train ``model`` from ``step`` to ``training.max_train_steps``.
+
+    ``phase(step)`` names the stage of a step in the log line and metrics; ``after_update()`` runs after each
+    optimizer step taken (e.g. an EMA update); ``postfix`` maps the logged values shown on the bar to their format.
+    """
+    t, accumulation, rank = training, training.gradient_accumulation_steps, accelerator.process_index
+    postfix = postfix or {"loss": ".4g"}
+    preemption = _Preemption()
+    metrics_file = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
+    running: dict[str, torch.Tensor] = {}
+    unreadable: set[int] = set()
+    nan_steps, unreadable_total, saved_step, preempted = 0, 0, step, False
+    log_time, log_step = time.perf_counter(), step
+    bar = tqdm(total=t.max_train_steps, initial=step, desc=desc, disable=not accelerator.is_main_process)
+    data_iter = batches(loader, sampler, step, accumulation)
+    model.train()
+    try:
+        while step < t.max_train_steps:
+            for group in optimizer.param_groups:  # constant after a linear warm-up
+                group["lr"] = lr * min(1.0, (step + 1) / max(1, t.lr_warmup_steps))
+            for _ in range(accumulation):
+                batch = next(data_iter)
+                for i, reason in batch["unreadable"]:
+                    if not unreadable:
+                        print(
+                            f"[rank {rank}] skipping unreadable image {reason}; further ones are counted",
+                            file=sys.stderr,
+                        )
+                    unreadable.add(i)
+                with accelerator.accumulate(model):
+                    values = loss_fn(batch, step)
+                    accelerator.backward(values["loss"])  # divided by the accumulation steps
+                for k, v in values.items():
+                    running[k] = running.get(k, 0) + v.detach().float() / accumulation
+            norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            finite = bool(torch.isfinite(norm))  # gradients are all-reduced: every process decides alike
+            if finite or accelerator.scaler is not None:  # fp16: the scaler skips the step and lowers its scale
+                optimizer.step()
+                if after_update is not None:
+                    after_update()
+            optimizer.zero_grad(set_to_none=True)
+            if not finite:
+                nan_steps += 1
+                if nan_steps > t.max_nan_steps:
+                    raise UserError(
+                        f"{nan_steps} steps had a non-finite gradient (training.max_nan_steps): lower the lr"
+                    )
+            stage = phase(step) if phase is not None else None
+            step += 1
+            bar.update(1)
+
+            if step % logging.logging_steps == 0 or step == t.max_train_steps:
+                n = step - log_step
+                record: dict[str, Any] = {k: accelerator.reduce(v / n, "mean").item() for k, v in running.items()}
+                unreadable_total = len(set(gather_object(sorted(unreadable))))  # rows met by any process
+                record["step"] = step
+                if stage is not None:
+                    record["phase"] = stage
+                record.update(
+                    lr=optimizer.param_groups[0]["lr"], steps_per_sec=n / (time.perf_counter() - log_time),
+                    nan_steps=nan_steps, unreadable=unreadable_total,
+                )  # fmt: skip
+                if accelerator.is_main_process:
+                    head = f"step {step} " + (f"({stage}) " if stage is not None else "")
+                    logger.info(head + " ".join(f"{k}={record[k]:.4g}" for k in running))
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix({k: f"{record[k]:{spec}}" for k, spec in postfix.items()})
+                accelerator.log({k: v for k, v in record.items() if k != "phase"}, step=step)  # trackers want numbers
+                running, log_time, log_step = {}, time.perf_counter(), step
+
+            if step % logging.checkpointing_steps == 0 or step == t.max_train_steps:
+                checkpoint(step)
+                saved_step = step
+            stop = torch.tensor(float(preemption.requested), device=accelerator.device)
+            if accelerator.reduce(stop, "sum").item() > 0:  # a signal may reach only some processes
+                logger.info(f"preemption signal: checkpointing at step {step} and exiting")
+                preempted = True
+                break
+        if saved_step != step:
+            checkpoint(step)
+    finally:
+        bar.close()
+        preemption.restore()
+        if metrics_file is not None:
+            metrics_file.close()
+        accelerator.end_training()
+
+    if preempted:
+        logger.info(f"stopped at step {step}; continue with logging.resume_from_checkpoint=latest")
+    return LoopResult(step, preempted, nan_steps, unreadable_total)
