@@ -59,7 +59,7 @@ class Preset:
     ema_decay: float = 0.99
     num_samples: int = 500
     sampler: str = "ddim"
-    sampling_steps: int = 50
+    sampling_steps: int = 25  # ddim; the teacher scores alike at 25 and 50 (accuracy 0.84-0.86 vs 0.80)
     cfg_scale: float = 2.0  # the teacher's samples: accuracy 0.58 / 0.80 / 0.89 at cfg 1 / 2 / 3, FID best near 1.5-2
     bi_nsamples: int = 256
     calib_draws: int = 4
