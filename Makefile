@@ -19,7 +19,7 @@ TEACHER_FLAGS := --model DiT-Digits/2 --data-path data/digits/train --image-size
 TEACHER_CKPT := outputs/teacher/digits-DiT-Digits-2/checkpoints/$(shell printf '%07d' $(TEACHER_STEPS)).pt
 DEMO_ENV := OMP_WAIT_POLICY=PASSIVE
 
-.PHONY: setup demo bench teacher test lint format clean
+.PHONY: setup demo bench teacher demo-aptp aptp-teacher test lint format clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,17 @@ teacher: setup
 	$(DEMO_ENV) OMP_NUM_THREADS=2 $(PY) demo.py --export-teacher $(TEACHER_CKPT) \
 		--command "OMP_NUM_THREADS=2 python train.py $(strip $(TEACHER_FLAGS))"
 
+# APTP on captioned digits with the shipped teacher (assets/aptp-digits): prune into experts, filter, fine-tune each,
+# routed generation, scores; writes outputs/demo-aptp/report.md.
+demo-aptp: setup
+	$(DEMO_ENV) $(PY) demo_aptp.py
+
+# Re-train the captioned-digits teacher (its VAE, then its UNet by aptp.finetune; about 80 min on 2 shared cores) and
+# re-export assets/aptp-digits.
+aptp-teacher: setup
+	rm -rf outputs/aptp-teacher
+	$(DEMO_ENV) OMP_NUM_THREADS=2 $(PY) demo_aptp.py --train-teacher
+
 test: setup
 	$(PY) -m pytest -q
 
@@ -58,4 +69,4 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info outputs/demo outputs/bench outputs/quick
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info outputs/demo outputs/bench outputs/quick outputs/demo-aptp

@@ -15,10 +15,11 @@ command lines collected in ``<out>/commands.sh``):
    with distillation from the teacher.
 
 Then, in this process, ``APTPPipeline`` draws every validation caption with the expert its router picks, and the
-dense teacher draws the same prompts from the same noise. Scores: a digit classifier trained on the training digits
-(``diffcompress.digits``) reads each image (``aptp.digits_world.digit_pixels``): digit accuracy is the share read as
-the prompt's digit; colour accuracy the share showing the prompt's ink and background; FID is the Frechet distance in
-the classifier's feature space to the real images of the same captions. Written to ``<out>``: ``report.md`` (the
+dense teacher draws the same prompts from the same noise (PNDM, 25 steps, no classifier-free guidance: the teacher
+never saw an empty caption). Scores: a digit classifier trained on the training digits (``diffcompress.digits``)
+reads each image (``aptp.digits_world.digit_pixels``): digit accuracy is the share read as the prompt's digit; colour
+accuracy the share showing the prompt's ink and background; FID is the Frechet distance in the classifier's feature
+space to the real images of the same captions. Written to ``<out>``: ``report.md`` (the
 table, prompt -> expert, example grids), ``results.json``, ``routing.json``, ``grids/``.
 """
 
@@ -145,6 +146,14 @@ class Runner:
         path.write_text("#!/bin/sh\n# the steps of this run, as command lines (run from the repository root)\nset -e\n"
                         + "\n".join(self.commands) + "\n")  # fmt: skip
         return path
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as messages show it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def check_teacher(teacher: Path) -> tuple[Path, Path]:
@@ -353,7 +362,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     commands = runner.write_commands()
     info = dict(
         preset=args.preset, settings=asdict(preset), wall_seconds=wall, stage_seconds=runner.seconds,
-        teacher=str(args.teacher), teacher_seconds=teacher_seconds, aptp_seconds=aptp_seconds,
+        teacher=shown(args.teacher), teacher_seconds=teacher_seconds, aptp_seconds=aptp_seconds,
         budget=read_experts(pruning)["budget"], routing_agrees_with_filter=agree,
         classifier_heldout_accuracy=evaluator.heldout_accuracy,
         routed_train=read_summary(pruning, "train")["rows_per_expert"], rows=[asdict(r) for r in rows],
@@ -462,8 +471,9 @@ def write_report(out: Path, info: dict, rows: list[Row], routing: list[dict], gr
         "- **FID**: Frechet distance in the classifier's 64-d feature space between the images and the real images of "
         "the same captions (for an expert: of its prompts; few prompts make it larger). Lower is better.",
         "- **teacher** columns: the dense teacher on the same prompts. **UNet ms**: one UNet forward of a batch of "
-        f"{preset.batch_size} on this CPU, best of {preset.timing_repeats}. GMACs: per UNet step and image "
-        "(`experts.json`, counted by hooks).",
+        f"{preset.batch_size} on this CPU, best of {preset.timing_repeats}; at this toy size it follows the MACs only "
+        "loosely, per-layer overheads weighing much. GMACs: per UNet step and image (`experts.json`, counted by "
+        "hooks).",
         f"- Drawing all {n} prompts took {info['teacher_seconds']:.1f}s with the dense teacher and "
         f"{info['aptp_seconds']:.1f}s with APTP (routing and loading the experts included).",
         *[f"- {r.model}: {r.note}" for r in rows if r.note],
@@ -560,7 +570,8 @@ def export_teacher(out: Path, dest: Path, data: Path, runner: Runner) -> Path:
     metrics = dict(
         train_steps=records[-1]["step"], final_loss=records[-1]["loss"], training_seconds=round(seconds, 1),
         vae_steps=vae["steps"], vae_seconds=vae["seconds"], vae_mse=vae["final_mse"],
-        threads=int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())), prompts=len(prompts),
+        threads=int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())), cpus=os.cpu_count(),
+        prompts=len(prompts),
         sampler=f"PNDM {preset.sampling_steps} steps, guidance {preset.guidance_scale}, seed {SEED} + prompt index",
         digit_accuracy=float((read.digits == labels).mean()), colour_accuracy=float(read.colours.mean()),
         fid=fid(read.features, real.features),
@@ -580,6 +591,7 @@ def write_teacher_card(dest: Path, info: dict) -> None:
     per_digit = " | ".join(f"{a:.2f}" for a in m["digit_accuracy_per_digit"])
     commands = "\n".join(info["commands"])
     vae = f"{m['vae_steps']}, {m['vae_seconds'] / 60:.1f} min, {m['vae_mse']:.4f}"
+    cores = f"{m['threads']} threads, {m['cpus']} CPU cores shared with other work"
     text = f"""# The captioned-digits teacher of `make demo-aptp`
 
 `sd/`: a Stable Diffusion folder (diffusers layout) for 32 px images of scikit-learn's digits in named colours,
@@ -593,14 +605,15 @@ Made by `make aptp-teacher` (`python demo_aptp.py --train-teacher`), which runs:
 {commands}
 ```
 
-and exports the EMA weights of the last command's expert (the dense UNet: an all-ones code) into `sd/unet`.
+and exports the EMA weights of the last command's expert (the dense UNet: an all-ones code) into `sd/unet`. It never
+saw an empty caption, so sample it without classifier-free guidance (`guidance_scale=1`, as the demo does).
 
 | | |
 |---|---|
 | VAE: steps, training time, final reconstruction MSE ([-1, 1] scale) | {vae} |
 | UNet: training steps (batch 32) | {m["train_steps"]} |
 | UNet: final training loss (last log interval) | {m["final_loss"]:.4f} |
-| UNet: training time (sum of logged intervals, {m["threads"]} threads) | {m["training_seconds"] / 60:.1f} min |
+| UNet: training time (sum of logged intervals; {cores}) | {m["training_seconds"] / 60:.1f} min |
 | digit accuracy of the {m["prompts"]} validation captions' samples ({m["sampler"]}) | {m["digit_accuracy"]:.3f} |
 | colour accuracy of the same samples | {m["colour_accuracy"]:.3f} |
 | FID of the same samples vs the captions' real images (classifier features) | {m["fid"]:.2f} |

@@ -153,7 +153,7 @@ def render(intensity: np.ndarray, contents: list[Content], size: int = RESOLUTIO
 def ink_share(images: np.ndarray, contents: list[Content]) -> np.ndarray:
     """Per pixel of uint8 images [N, H, W, 3] the position on the caption's background -> ink segment, clipped to
     [0, 1]: the inverse of ``render``'s colouring. float32 [N, H, W]."""
-    x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float()
+    x = torch.tensor(np.asarray(images), dtype=torch.float32).permute(0, 3, 1, 2)
     ink, background = _colours(contents)
     d = ink - background
     return (((x - background) * d).sum(1) / (d * d).sum(1)).clamp(0, 1).numpy()
@@ -170,7 +170,7 @@ def digit_pixels(images: np.ndarray, contents: list[Content]) -> np.ndarray:
 def colours_of(images: np.ndarray) -> tuple[list[str], list[str]]:
     """The (ink, background) names an image shows: the background nearest to its per-channel median colour (the
     digit covers less than half of it), the ink nearest to the mean of its tenth of pixels farthest from that."""
-    x = torch.as_tensor(np.asarray(images)).flatten(1, 2).float()  # [N, P, 3]
+    x = torch.tensor(np.asarray(images), dtype=torch.float32).flatten(1, 2)  # [N, P, 3]
     inks, backgrounds = (torch.tensor(list(p.values()), dtype=torch.float32) for p in (INKS, BACKGROUNDS))
     bg = torch.cdist(x.median(dim=1).values, backgrounds).argmin(1)
     far = (x - backgrounds[bg][:, None]).norm(dim=-1).topk(max(1, x.shape[1] // 10), dim=1).indices
@@ -299,6 +299,7 @@ def build_sentence_encoder(path: str | Path, dim: int = 32, seed: int = 0) -> Pa
         tokenizer.save_pretrained(tmp)
         model = SentenceTransformer(modules=[Transformer(tmp), Pooling(dim, "mean")], device="cpu")
         model.save(str(path))
+    (Path(path) / "README.md").unlink(missing_ok=True)  # sentence-transformers' generic card, about training
     return Path(path)
 
 
