@@ -158,16 +158,21 @@ def write_cc3m(
     return root
 
 
+def build_world(out: Path, train_rows: int = 48, val_rows: int = 8, size: int = 48, seed: int = 0) -> dict[str, Path]:
+    """``out/sd``, ``out/sentence-encoder`` and ``out/cc3m``; returns {sd, encoder, cc3m}."""
+    build_tiny_sd(out / "sd", seed)
+    encoder = build_sentence_encoder(out / "sentence-encoder", seed=seed)
+    write_cc3m(out / "cc3m", train_rows=train_rows, val_rows=val_rows, size=size, seed=seed)
+    return dict(sd=out / "sd", encoder=encoder, cc3m=out / "cc3m")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/aptp-tiny", help="folder to write sd/, encoder/ and cc3m/ into")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    build_tiny_sd(out / "sd", args.seed)
-    encoder = build_sentence_encoder(out / "sentence-encoder", seed=args.seed)
-    write_cc3m(out / "cc3m", seed=args.seed)
-    print(f"tiny Stable Diffusion: {out / 'sd'}\nsentence encoder: {encoder}\nCC3M-layout captions: {out / 'cc3m'}")
+    w = build_world(Path(args.out), seed=args.seed)
+    print(f"tiny Stable Diffusion: {w['sd']}\nsentence encoder: {w['encoder']}\nCC3M-layout captions: {w['cc3m']}")
 
 
 if __name__ == "__main__":

@@ -27,3 +27,12 @@ def reference_model(reference):
     model = DiT(**reference["config"])
     model.load_state_dict(reference["state_dict"])
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: on a shared machine threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

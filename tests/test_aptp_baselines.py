@@ -25,30 +25,22 @@ from aptp.config import load_config, to_dict
 from aptp.data import load_captions
 from aptp.expert import materialize
 from aptp.macs import count_macs, mac_table, unet_inputs
-from aptp.make_tiny import build_sentence_encoder, build_tiny_sd, write_cc3m
+from aptp.make_tiny import build_world
 from aptp.router import PromptEncoder, Router
 from diffcompress.errors import UserError
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LATENT = 16  # training.resolution 32 of tiny.yaml through the tiny 2-level VAE
 BUDGET = 0.6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny convolutions: threads only contend on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("aptp-tiny")
-    build_tiny_sd(root / "sd")
-    encoder = build_sentence_encoder(root / "sentence-encoder")
-    write_cc3m(root / "cc3m", train_rows=12, val_rows=4, size=32)
+    tiny = build_world(root, train_rows=12, val_rows=4, size=32)
+    encoder = tiny["encoder"]
     return dict(sd=root / "sd", encoder=encoder, cc3m=root / "cc3m", cache=root / "cache")
 
 

@@ -21,12 +21,14 @@ from aptp.data import load_captions
 from aptp.expert import DroppedResnet, DroppedTransformer, load_expert, materialize
 from aptp.layout import ArchLayout
 from aptp.macs import mac_table
-from aptp.make_tiny import build_sentence_encoder, build_tiny_sd, write_cc3m
+from aptp.make_tiny import build_world, write_cc3m
 from aptp.router import PromptEncoder
 from diffcompress.checkpoint import load_file
 from diffcompress.errors import UserError
 from tests.conftest import ROOT
 from tests.test_distributed import free_port
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = ROOT / "configs/aptp/finetuning"
 NUM_EXPERTS = 4
@@ -55,22 +57,12 @@ def make_experts_distinct(prune_dir, sd, encoder, captions):
     prune.write_results(prune_dir, router, mac_table(config, 16, 77, layout), dict(config), info)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny convolutions: threads only contend on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The tiny world, a 2-step pruning run made decisive, and its captions filtered (in batches of 5)."""
     root = tmp_path_factory.mktemp("aptp-finetune")
-    build_tiny_sd(root / "sd")
-    encoder = build_sentence_encoder(root / "sentence-encoder")
-    write_cc3m(root / "cc3m", train_rows=24, val_rows=6, size=32)
+    tiny = build_world(root, train_rows=24, val_rows=6, size=32)
+    encoder = tiny["encoder"]
     prune_dir = root / "pruning"
     prune.main([
         "--config", str(ROOT / "configs/aptp/pruning/tiny.yaml"), f"pretrained_model_name_or_path={root / 'sd'}",

@@ -16,11 +16,13 @@ from aptp.data import load_captions
 from aptp.expert import load_expert, materialize, save_expert
 from aptp.layout import ArchLayout
 from aptp.macs import mac_table
-from aptp.make_tiny import build_sentence_encoder, build_tiny_sd, write_cc3m
+from aptp.make_tiny import build_world
 from aptp.pipeline import APTPPipeline
 from aptp.router import PromptEncoder
 from diffcompress.errors import UserError
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 2  # denoising steps: enough to run every part of the pipelines
 # One anchor prompt per expert: the fixture makes expert k's code the predicted architecture of ANCHORS[k].
@@ -33,22 +35,13 @@ ANCHORS = [
 FINETUNED = (0, 1, 2)  # expert 3 has no fine-tuned folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Tiny SD, encoder and CC3M set; a 2-step pruning run whose router is then sharpened; 'fine-tuned' experts 0-2;
     the validation captions assigned to experts (what aptp.filter_dataset writes)."""
     root = tmp_path_factory.mktemp("aptp-gen")
-    build_tiny_sd(root / "sd")
-    encoder = build_sentence_encoder(root / "sentence-encoder")
-    write_cc3m(root / "cc3m", train_rows=8, val_rows=10, size=40)
+    tiny = build_world(root, train_rows=8, val_rows=10, size=40)
+    encoder = tiny["encoder"]
     prune_dir = root / "pruning"
     prune.main([
         "--config", str(ROOT / "configs/aptp/pruning/tiny.yaml"), f"pretrained_model_name_or_path={root / 'sd'}",

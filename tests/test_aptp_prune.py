@@ -22,11 +22,13 @@ from aptp.expert import materialize
 from aptp.layout import ArchLayout
 from aptp.losses import LossWeights
 from aptp.macs import count_macs, unet_inputs
-from aptp.make_tiny import build_sentence_encoder, build_tiny_sd, write_cc3m
+from aptp.make_tiny import build_world
 from aptp.router import Router
 from diffcompress.errors import UserError
 from tests.conftest import ROOT
 from tests.test_distributed import free_port
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = ROOT / "configs/aptp/pruning"
 TERMS = ("ddpm", "distill", "block", "resource", "contrastive", "std", "max", "loss")
@@ -35,22 +37,12 @@ TERMS = ("ddpm", "distill", "block", "resource", "contrastive", "std", "max", "l
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("aptp-tiny")
-    build_tiny_sd(root / "sd")
-    encoder = build_sentence_encoder(root / "sentence-encoder")
-    write_cc3m(root / "cc3m", train_rows=24, val_rows=2, size=40)
+    tiny = build_world(root, train_rows=24, val_rows=2, size=40)
+    encoder = tiny["encoder"]
     return [
         f"pretrained_model_name_or_path={root / 'sd'}", f"data.data_dir={root / 'cc3m'}",
         f"model.prompt_encoder={encoder}", "data.dataloader_num_workers=0",
     ]  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny convolutions: threads only contend on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture()

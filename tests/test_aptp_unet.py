@@ -21,19 +21,12 @@ from aptp.macs import count_macs, dense_macs, mac_table, prunable_budget, subtre
 from diffcompress.checkpoint import CheckpointError
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = json.loads((ROOT / "configs/aptp/tiny-unet.json").read_text())
 SD21 = json.loads((ROOT / "configs/aptp/sd2.1-unet.json").read_text())
 TEXT_LEN = 7
 TOL = 1e-10
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny convolutions: threads only contend on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
