@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,21 +278,25 @@ def calibration_loss(model: torch.nn.Module, heldout: str | os.PathLike, draws: 
 
 
 @torch.no_grad()
-def sampling_seconds(model: torch.nn.Module, sampler_args, batch_size: int = 100, repeats: int = 3,
-                     seed: int = 0) -> float:  # fmt: skip
-    """Best-of-``repeats`` wall time of one sampling run (``sampler_args``: sample.py-style flags) of a batch."""
+def sampling_seconds(models: Sequence[torch.nn.Module], sampler_args, batch_size: int = 50, repeats: int = 2,
+                     seed: int = 0) -> list[float]:  # fmt: skip
+    """Best-of-``repeats`` wall time of one sampling run (``sampler_args``: sample.py-style flags) of a batch, for
+    each model. The models take turns (A B A B ...), so a change in the machine's load hits them alike and their
+    ratio stays meaningful on a shared machine."""
     from .sampling import sample_latents
 
-    model.eval()
-    device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(batch_size, CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(device)
-    y = (torch.arange(batch_size) % NUM_CLASSES).to(device)
-    best = float("inf")
+    z = torch.randn(batch_size, CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    y = torch.arange(batch_size) % NUM_CLASSES
+    best = [float("inf")] * len(models)
     for _ in range(repeats):
-        start = time.perf_counter()
-        sample_latents(model, z, y, sampler_args, "fp32", torch.Generator(device).manual_seed(seed), progress=False)
-        best = min(best, time.perf_counter() - start)
+        for i, model in enumerate(models):
+            model.eval()
+            device = next(model.parameters()).device
+            start = time.perf_counter()
+            sample_latents(model, z.to(device), y.to(device), sampler_args, "fp32",
+                           torch.Generator(device).manual_seed(seed), progress=False)  # fmt: skip
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
