@@ -73,8 +73,8 @@ PRESETS = {
     "demo": Preset(seeds=[0], prune_steps=200, finetune_steps=300, patterns=["1:2"]),
     "bench": Preset(
         seeds=[0, 1, 2],
-        prune_steps=300,
-        finetune_steps=600,  # 2x the demo's; 21 fine-tunes must fit the 60-minute budget on 2 cores
+        prune_steps=200,
+        finetune_steps=500,  # the demo's 300 and more; 9 prunings and 21 fine-tunes must fit an hour on 2 cores
         patterns=["1:2", "2:4", "6:12"],
         ema_decay=0.995,
         log_every=100,
