@@ -162,6 +162,9 @@ class Runner:
             raise
         finally:
             torch.set_grad_enabled(grad)
+        preempted = result.get("preempted") if isinstance(result, dict) else getattr(result, "preempted", False)
+        if preempted:  # a training stage turns SIGTERM/SIGUSR1 into a checkpoint and a clean return: stop here too
+            raise UserError(f"stopped by a signal during: {what} (it checkpointed; output in {log})")
         print(f"     done in {time.perf_counter() - start:.1f}s (output in {log})", flush=True)
         return result
 

@@ -8,11 +8,16 @@ Image i gets its label and its starting noise from (--global-seed, i) alone, so 
 depend on the number of processes or the batch size, and a re-run (after a crash or with more GPUs)
 only makes the missing PNGs. Rank r makes the missing indices r, r+W, ...; rank 0 then writes
 ``<folder>.npz`` with ``arr_0`` uint8 [N, H, W, 3] in index order and ``labels`` [N].
+
+``<folder>/run.json`` records the checkpoint (path, size, modification time) and the settings; a re-run
+whose checkpoint or settings differ is refused instead of mixing two models' images (the folder is named
+after the checkpoint's file name, which a new checkpoint may share).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -21,9 +26,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from diffcompress.checkpoint import write_json_atomic
 from diffcompress.cli import run
 from diffcompress.distributed import barrier, cleanup, resolve_precision, setup_distributed
+from diffcompress.errors import UserError
 from diffcompress.sampling import add_sampling_args, load_model_and_codec, sample_latents, to_uint8
+
+# Flags that change how the images are made, not which images: a re-run may change them.
+RUN_FREE_FLAGS = ("num_fid_samples", "per_proc_batch_size", "sample_dir", "device")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +63,27 @@ def folder_name(args: argparse.Namespace) -> str:
             f"cfg-{args.cfg_scale}-{args.sampler}{args.num_sampling_steps}-seed-{args.global_seed}")  # fmt: skip
 
 
+def run_record(args: argparse.Namespace) -> dict:
+    """What decides the images: every other flag, and the checkpoint's identity (hashing gigabytes would be slow)."""
+    record = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_FREE_FLAGS}
+    if args.ckpt and Path(args.ckpt).is_file():
+        stat = Path(args.ckpt).stat()
+        record["ckpt"] = {"path": str(Path(args.ckpt).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return record
+
+
+def check_same_run(folder: Path, record: dict) -> None:
+    """Refuse to add to PNGs that another checkpoint or other settings made."""
+    path = folder / "run.json"
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text())
+    changed = sorted(k for k in set(previous) | set(record) if previous.get(k) != record.get(k))
+    if changed:
+        raise UserError(f"{folder} holds samples made with another {', '.join(changed)} (see {path}); "
+                        "delete the folder or pass another --sample-dir")  # fmt: skip
+
+
 def main(args: argparse.Namespace) -> Path:
     torch.set_grad_enabled(False)
     if args.num_fid_samples <= 0 or args.per_proc_batch_size <= 0:
@@ -62,6 +93,11 @@ def main(args: argparse.Namespace) -> Path:
     model, codec, latent = load_model_and_codec(args, device)
     folder = Path(args.sample_dir) / folder_name(args)
     folder.mkdir(parents=True, exist_ok=True)
+    record = run_record(args)
+    check_same_run(folder, record)  # every rank checks before rank 0 may write the record
+    barrier()
+    if info.is_main:
+        write_json_atomic(folder / "run.json", record)
     done = {int(n[:-4]) for n in os.listdir(folder) if n.endswith(".png") and n[:-4].isdigit()}
     todo = [i for i in range(info.rank, args.num_fid_samples, info.world_size) if i not in done]
     if info.is_main:

@@ -59,3 +59,15 @@ def test_bad_options_are_one_line_errors(tmp_path):
         demo.main(demo.parse_args(["--quick", "--seeds", "a,b", "--out", str(tmp_path)]))
     with pytest.raises(demo.UserError, match="make teacher"):
         demo.main(demo.parse_args(["--quick", "--teacher", str(tmp_path / "none.safetensors"), "--out", str(tmp_path)]))
+
+
+def test_a_preempted_stage_stops_the_demo(tmp_path, monkeypatch):
+    """A training stage returns normally after a SIGTERM checkpoint; the demo must stop, not go on to the next."""
+    (tmp_path / "fake_stage.py").write_text(
+        "import argparse\n"
+        "def parse_args(argv):\n    return argparse.Namespace()\n"
+        "def main(args):\n    return {'preempted': True}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(demo.UserError, match="stopped by a signal during: a stage"):
+        demo.Runner(tmp_path / "out")("fake_stage", [], "a stage")

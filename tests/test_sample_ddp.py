@@ -19,7 +19,7 @@ ARGS = ["--model", "DiT-Ti/8", "--image-size", "16", "--vae", "none", "--num-cla
         "--device", "cpu"]  # fmt: skip
 
 
-def run(tmp_path, ckpt, sample_dir, *extra, procs=1):
+def run(tmp_path, ckpt, sample_dir, *extra, procs=1, ok=True):
     launch = [sys.executable]
     if procs > 1:
         launch += ["-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_addr=127.0.0.1",
@@ -27,8 +27,8 @@ def run(tmp_path, ckpt, sample_dir, *extra, procs=1):
     cmd = [*launch, str(ROOT / "sample_ddp.py"), *ARGS, "--ckpt", str(ckpt), "--sample-dir", str(sample_dir), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    assert (result.returncode == 0) == ok, result.stderr[-3000:]
+    return result.stdout if ok else result.stderr
 
 
 def test_sample_ddp(tmp_path):
@@ -73,3 +73,15 @@ def test_sample_ddp(tmp_path):
     run(tmp_path, ckpt, tmp_path / "balanced", "--balanced-labels")
     balanced = np.load(next((tmp_path / "balanced").glob("*.npz")))["labels"]
     assert balanced.tolist() == [i % 10 for i in range(10)]
+
+    # images of other settings or of a new checkpoint under the same file name are never mixed with these
+    (folder / "000005.png").unlink()
+    err = run(tmp_path, ckpt, tmp_path / "two", "--cfg-all-channels", ok=False)  # not in the folder's name
+    assert "holds samples made with another cfg_all_channels" in err
+    with torch.no_grad():
+        model.final_layer.linear.weight.add_(0.1)
+    torch.save(model.state_dict(), ckpt)
+    os.utime(ckpt, ns=(0, 12345))  # a different modification time even on a coarse-clock file system
+    err = run(tmp_path, ckpt, tmp_path / "two", ok=False)
+    assert "holds samples made with another ckpt" in err
+    assert "000005.png" not in os.listdir(folder)
