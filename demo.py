@@ -19,12 +19,10 @@ in its 64-d feature space against the held-out split); time sampling against the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import os
 import platform
-import shlex
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -37,6 +35,7 @@ from diffcompress import digits
 from diffcompress.checkpoint import load_dit_weights, load_file, read_metadata, save_checkpoint, select_state_dict
 from diffcompress.cli import run
 from diffcompress.errors import UserError
+from diffcompress.stages import StageRunner
 from models_with_layer_pruning import create_model
 
 TEACHER = Path(__file__).resolve().parent / "assets" / "digits" / "teacher.safetensors"
@@ -132,49 +131,6 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     return preset
 
 
-# ----------------------------------------------------------------------------------------- running scripts
-
-
-class Runner:
-    """Runs top-level scripts in this process, logs their output, and records the equivalent commands."""
-
-    def __init__(self, out: Path):
-        self.out, self.logs = out, out / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.commands: list[str] = []
-        self.count = 0
-
-    def __call__(self, script: str, argv: list[str], what: str):
-        self.count += 1
-        command = shlex.join(["python", f"{script}.py", *argv])
-        self.commands.append(command)
-        log = self.logs / f"{self.count:02d}-{script}.log"
-        print(f"[{self.count:02d}] {what}\n     $ {command}", flush=True)
-        module = importlib.import_module(script)
-        grad = torch.is_grad_enabled()  # sample_ddp.py turns gradients off for its process
-        start = time.perf_counter()
-        try:
-            with open(log, "w") as f, contextlib.redirect_stdout(f):
-                print(f"$ {command}", flush=True)
-                result = module.main(module.parse_args(argv))
-        except BaseException as e:
-            print(f"     failed: {type(e).__name__}: {e} (output in {log})", flush=True)
-            raise
-        finally:
-            torch.set_grad_enabled(grad)
-        preempted = result.get("preempted") if isinstance(result, dict) else getattr(result, "preempted", False)
-        if preempted:  # a training stage turns SIGTERM/SIGUSR1 into a checkpoint and a clean return: stop here too
-            raise UserError(f"stopped by a signal during: {what} (it checkpointed; output in {log})")
-        print(f"     done in {time.perf_counter() - start:.1f}s (output in {log})", flush=True)
-        return result
-
-    def write_commands(self) -> Path:
-        path = self.out / "commands.sh"
-        path.write_text("#!/bin/sh\n# the steps of this run, as command lines (run from the repository root)\nset -e\n"
-                        + "\n".join(self.commands) + "\n")  # fmt: skip
-        return path
-
-
 # ----------------------------------------------------------------------------------------- the pipeline
 
 
@@ -212,7 +168,7 @@ def load_dit(path: str | os.PathLike, depth: int) -> torch.nn.Module:
     return model.eval()
 
 
-def sample_and_score(run_script: Runner, preset: Preset, evaluator: digits.Evaluator, ckpt: Path, depth: int,
+def sample_and_score(run_script: StageRunner, preset: Preset, evaluator: digits.Evaluator, ckpt: Path, depth: int,
                      sample_dir: Path, seed: int, what: str) -> tuple[dict, np.ndarray, np.ndarray, Path]:  # fmt: skip
     """sample_ddp.py's digits (labels i mod 10, per-index seeds) of a checkpoint, scored: (scores, images, labels,
     npz)."""
@@ -225,7 +181,7 @@ def sample_and_score(run_script: Runner, preset: Preset, evaluator: digits.Evalu
     return evaluator.score(images, labels), images, labels, npz
 
 
-def evaluate_model(run_script: Runner, preset: Preset, evaluator: digits.Evaluator, ckpt: Path, depth: int,
+def evaluate_model(run_script: StageRunner, preset: Preset, evaluator: digits.Evaluator, ckpt: Path, depth: int,
                    folder: Path, row: Row, grid: Path, teacher: torch.nn.Module | None) -> None:  # fmt: skip
     """Sample and score, draw the grid, and time sampling in turns with the teacher (None: this is the teacher)."""
     seed = row.seed if row.seed is not None else preset.seeds[0]
@@ -251,7 +207,7 @@ def run_pipeline(args: argparse.Namespace) -> Path:
         shutil.rmtree(out / "runs", ignore_errors=True)  # a re-run starts clean; the report is rewritten
     out.mkdir(parents=True, exist_ok=True)
     wall_start = time.perf_counter()
-    run_script = Runner(out)
+    run_script = StageRunner(out, in_process=True)
     data = Path(args.data)
     if not digits.is_prepared(data):
         run_script("prepare_digits", ["--out", str(data)], "prepare the digits (train / held-out)")
@@ -479,7 +435,9 @@ def export_teacher(args: argparse.Namespace) -> Path:
     out = Path(args.teacher)
     save_checkpoint(half, out)  # scored as shipped: the fp16 file (the metadata follows below)
     work = Path(args.out or ckpt.parent.parent / "export")
-    scores, *_ = sample_and_score(Runner(work), preset, evaluator, out, DEPTH, work / "samples", 0, "the teacher")
+    scores, *_ = sample_and_score(
+        StageRunner(work, in_process=True), preset, evaluator, out, DEPTH, work / "samples", 0, "the teacher"
+    )
     metrics = {
         "train_steps": int(train_state.get("train_steps", 0)), "final_loss": records[-1]["loss"] if records else None,
         "training_seconds": round(seconds, 1), "threads": torch.get_num_threads(),

@@ -29,10 +29,7 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import shutil
-import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -49,6 +46,7 @@ from diffcompress.checkpoint import load_file, write_json_atomic
 from diffcompress.cli import run
 from diffcompress.errors import UserError
 from diffcompress.fid_metrics import activation_statistics, frechet_distance
+from diffcompress.stages import StageRunner
 
 ROOT = Path(__file__).resolve().parent
 TEACHER = ROOT / "assets" / "aptp-digits"
@@ -112,40 +110,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Running the stages
-
-
-class Runner:
-    """Runs ``python -m <module> ...`` in a child process (its stdout to ``<out>/logs``, its stderr, where progress
-    bars go, to the terminal) and records the command lines."""
-
-    def __init__(self, out: Path):
-        self.out, self.logs = out, out / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.commands: list[str] = []
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, module: str, argv: list, what: str) -> None:
-        argv = [str(a) for a in argv]
-        command = shlex.join(["python", "-m", module, *(a.replace(f"{ROOT}{os.sep}", "") for a in argv)])
-        self.commands.append(command)
-        log = self.logs / f"{len(self.commands):02d}-{module.split('.')[-1]}.log"
-        print(f"[{len(self.commands):02d}] {what}\n     $ {command}", flush=True)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        start = time.perf_counter()
-        with open(log, "w") as f:
-            f.write(f"$ {command}\n")
-            f.flush()
-            code = subprocess.run([sys.executable, "-m", module, *argv], stdout=f, env=env).returncode
-        if code != 0:
-            raise UserError(f"step {len(self.commands)} ({what}) failed with exit code {code}: see above and {log}")
-        self.seconds[what] = time.perf_counter() - start
-        print(f"     done in {self.seconds[what]:.1f}s (output in {log})", flush=True)
-
-    def write_commands(self) -> Path:
-        path = self.out / "commands.sh"
-        path.write_text("#!/bin/sh\n# the steps of this run, as command lines (run from the repository root)\nset -e\n"
-                        + "\n".join(self.commands) + "\n")  # fmt: skip
-        return path
 
 
 def shown(path: str | os.PathLike) -> str:
@@ -244,7 +208,7 @@ def real_ceiling(cc3m: Path, labels: np.ndarray, classifier: digits.DigitClassif
 # The demo
 
 
-def run_stages(runner: Runner, preset: Preset, sd: Path, encoder: Path, data: Path, out: Path) -> dict[int, str]:
+def run_stages(runner: StageRunner, preset: Preset, sd: Path, encoder: Path, data: Path, out: Path) -> dict[int, str]:
     """Captioned digits, pruning, filtering, fine-tuning of every expert with at least a batch of captions; returns
     a note per expert left as sliced from the teacher."""
     cc3m, pruning = out / "world" / "cc3m", out / "pruning"
@@ -315,7 +279,7 @@ def run_demo(args: argparse.Namespace) -> Path:
         shutil.rmtree(out / stale, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     wall_start = time.perf_counter()
-    runner = Runner(out)
+    runner = StageRunner(out)
     data, cc3m, pruning = Path(args.data), out / "world" / "cc3m", out / "pruning"
     if not digits.is_prepared(data):
         digits.prepare(data)
@@ -519,7 +483,7 @@ def train_teacher(args: argparse.Namespace) -> Path:
     out = Path(args.out or "outputs/aptp-teacher")
     for stale in ("dense", "train"):
         shutil.rmtree(out / stale, ignore_errors=True)
-    runner = Runner(out)
+    runner = StageRunner(out)
     w, dense = out / "world", out / "dense"
     runner("aptp.digits_world", ["--out", w, "--data", args.data, "--teacher-init"],
            "the captioned digits, the VAE and the untrained teacher")  # fmt: skip
@@ -534,7 +498,7 @@ def train_teacher(args: argparse.Namespace) -> Path:
     return export_teacher(out, Path(args.teacher), Path(args.data), runner)
 
 
-def export_teacher(out: Path, dest: Path, data: Path, runner: Runner) -> Path:
+def export_teacher(out: Path, dest: Path, data: Path, runner: StageRunner) -> Path:
     """``dest``/sd: the untrained teacher with the trained UNet (EMA weights, stored as float16), ``dest``/
     sentence-encoder; scored as shipped; ``teacher.json`` and ``README.md`` with the commands and the metrics."""
     from diffusers import UNet2DConditionModel

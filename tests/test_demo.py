@@ -7,6 +7,7 @@ import re
 import pytest
 
 import demo
+from diffcompress.stages import StageRunner
 
 from .conftest import ROOT
 
@@ -70,4 +71,4 @@ def test_a_preempted_stage_stops_the_demo(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(demo.UserError, match="stopped by a signal during: a stage"):
-        demo.Runner(tmp_path / "out")("fake_stage", [], "a stage")
+        StageRunner(tmp_path / "out", in_process=True)("fake_stage", [], "a stage")
