@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,25 +302,33 @@ def prompt_embeddings(
     """
     path = embedding_cache_path(cache_dir, encoder, captions)
     rank, world = _distributed()
-    exists = [path.is_file()]
-    if world > 1:  # every process takes the same branch, whatever its view of the file system
-        dist.broadcast_object_list(exists, src=0)
-    if not exists[0]:
+    # Rank 0 decides for all (every process takes the same branch, whatever its view of the file system) and names
+    # this run's temporary files: two runs sharing the cache (a job array) must not join or delete each other's parts.
+    decision = [path.is_file(), uuid.uuid4().hex[:12]]
+    if world > 1:
+        dist.broadcast_object_list(decision, src=0)
+    exists, token = decision
+    if not exists:
         from .router import PromptEncoder
 
         path.parent.mkdir(parents=True, exist_ok=True)
         lo, hi = rank * len(captions) // world, (rank + 1) * len(captions) // world
         model = PromptEncoder(encoder, device)
         part = model.embed([captions[i] for i in range(lo, hi)], batch_size, progress=rank == 0).cpu().numpy()
-        part_file = path.with_name(f".{path.stem}.part{rank}.npy")
+        part_file = path.with_name(f".{path.stem}.{token}.part{rank}.npy")
         np.save(part_file, part)
         if world > 1:
             dist.barrier()
         if rank == 0:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp = path.with_name(f".{path.name}.{token}.tmp")
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(captions), model.dim))
             for r in range(world):
-                r_file = path.with_name(f".{path.stem}.part{r}.npy")
+                r_file = path.with_name(f".{path.stem}.{token}.part{r}.npy")
+                if not r_file.is_file():  # written on another node, to a folder this one does not see
+                    raise UserError(
+                        f"{path.parent}: the prompt embeddings of process {r} are missing; the cache folder must be on "
+                        f"a file system that every node shares (data.embedding_cache_dir)"
+                    )
                 out[r * len(captions) // world : (r + 1) * len(captions) // world] = np.load(r_file)
                 r_file.unlink()
             out.flush()

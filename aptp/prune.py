@@ -123,7 +123,10 @@ def resume_path(cfg: PruneConfig) -> Path | None:
             )
         return None
     if wanted == "latest":
-        return existing[-1] if existing else None
+        latest = [existing[-1] if existing else None]
+        if torch.distributed.is_initialized():  # rank 0's pick for all: a node's stale view must not split the run
+            torch.distributed.broadcast_object_list(latest, src=0)
+        return latest[0]
     if not (Path(wanted) / STATE).is_file():
         raise UserError(f"logging.resume_from_checkpoint {wanted!r} is not a checkpoint folder (no {STATE})")
     return Path(wanted)
