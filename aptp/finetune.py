@@ -142,12 +142,16 @@ def main(argv: list[str] | None = None) -> None:
     sd, expert = load_models(name, cfg.revision, code, weight_dtype)
     dense, vae, text_encoder = sd["unet"], sd["vae"], sd["text_encoder"]
     tokenizer, scheduler = sd["tokenizer"], sd["scheduler"]
-    for model in (dense, vae, text_encoder, expert):
+    # Without distillation (both weights 0, e.g. training a dense model) the dense UNet never runs: no forward, no
+    # device memory.
+    distill = cfg.losses.distill != 0 or cfg.losses.block != 0
+    for model in (dense, vae, text_encoder, expert) if distill else (vae, text_encoder, expert):
         model.to(device)
     ema = create_ema(expert) if t.use_ema else None  # before the hooks: the copy would share their outputs
     if t.gradient_checkpointing:
         expert.enable_gradient_checkpointing()
-    teacher_blocks, student_blocks = capture_block_outputs(dense), capture_block_outputs(expert)
+    if distill:
+        teacher_blocks, student_blocks = capture_block_outputs(dense), capture_block_outputs(expert)
     dense_params = sum(p.numel() for p in dense.parameters())
     expert_params = sum(p.numel() for p in expert.parameters())
 
@@ -206,14 +210,14 @@ def main(argv: list[str] | None = None) -> None:
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target_v = scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" else noise
         with accelerator.autocast():
-            with torch.no_grad():
-                teacher = dense(noisy, timesteps, text).sample
             student = expert(noisy, timesteps, text).sample
-            return dict(
-                ddpm=ddpm_loss(student, target_v, timesteps, alphas_cumprod, t.snr_gamma, prediction_type),
-                distill=distill_loss(student, teacher),
-                block=block_loss(list(student_blocks.values()), list(teacher_blocks.values())),
-            )
+            terms = dict(ddpm=ddpm_loss(student, target_v, timesteps, alphas_cumprod, t.snr_gamma, prediction_type))
+            if distill:
+                with torch.no_grad():
+                    teacher = dense(noisy, timesteps, text).sample
+                terms["distill"] = distill_loss(student, teacher)
+                terms["block"] = block_loss(list(student_blocks.values()), list(teacher_blocks.values()))
+            return terms
 
     def micro_step(batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         terms = losses(batch)

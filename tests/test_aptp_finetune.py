@@ -322,6 +322,25 @@ def test_resume_continues_the_same_expert_only(world, launched, tmp_path, in_pro
     assert all(torch.equal(v, ema4[k]) for k, v in loaded.state_dict().items())
 
 
+def test_without_distillation_the_dense_unet_never_runs(world, tmp_path, in_process, monkeypatch):
+    calls = []
+    real = finetune.load_models
+
+    def counting(*args, **kwargs):
+        sd, expert = real(*args, **kwargs)
+        sd["unet"].register_forward_hook(lambda *_: calls.append(1))
+        return sd, expert
+
+    monkeypatch.setattr(finetune, "load_models", counting)
+    out = tmp_path / "run"
+    finetune.main(["--config", str(CONFIGS / "tiny.yaml"), f"pruning_dir={world['prune_dir']}", f"output_dir={out}",
+                   *RUN, "--expert_id", str(TRAINED), "training.max_train_steps=2", "losses.distill=0",
+                   "losses.block=0"])  # fmt: skip
+    records = metrics(out)
+    assert calls == [] and [r["step"] for r in records] == [1, 2]
+    assert "ddpm" in records[0] and "distill" not in records[0] and "block" not in records[0]
+
+
 def test_bad_input_is_one_line(world, tmp_path, in_process):
     prune_dir = world["prune_dir"]
     args = ["--config", str(CONFIGS / "tiny.yaml"), f"output_dir={tmp_path / 'out'}"]
