@@ -48,7 +48,8 @@
 #   settings.env   the resolved settings and the command (sourced by node.sh on every node)
 #   launch.log     one line per run: start, signals, requeue, exit status (also on the job's stdout)
 #   node<k>.log    the launcher's output on node k (node 0's also goes to the job's stdout); appended
-#                  across requeued runs
+#                  across requeued runs; with c10d the node holding global rank 0 (the one that prints)
+#                  is whichever joined first, not always node 0
 # The training outputs go where the entry point's own flags say (RESULTS_DIR in the stage scripts).
 #
 # Multi-node: Slurm starts one node.sh per node with `srun --nodes N --ntasks N --ntasks-per-node 1`; PBS
