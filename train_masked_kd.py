@@ -22,7 +22,7 @@ from diffcompress.checkpoint import load_dit_weights, read_metadata
 from diffcompress.cli import run
 from diffcompress.data import open_features
 from diffcompress.distributed import cleanup, seed_everything, setup_distributed
-from diffcompress.trainer import TrainResult, add_training_args, total_steps, train
+from diffcompress.trainer import TrainResult, add_training_args, compile_blocks, total_steps, train
 from diffusion import create_diffusion
 from diffusion.gaussian_math import mean_flat, normal_kl
 from models_with_layer_pruning import DiT, DiT_models, create_model
@@ -160,6 +160,8 @@ def main(args: argparse.Namespace) -> TrainResult:
     teacher = create_model(args.teacher, **shape)
     load_dit_weights(teacher, args.load_teacher)
     teacher.to(info.device)
+    if args.compile:  # the loop compiles the student; the teacher's forward is a large share of the step
+        compile_blocks(teacher)
     if args.layer_pairs:
         pairs = parse_pairs(args.layer_pairs, student.depth, teacher.depth)
     else:

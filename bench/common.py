@@ -89,3 +89,72 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+# Which backward products a training step computes, by what it trains (see dit_step_flops).
+STEP_MODES = ("full", "frozen", "delta_w", "lora")
+
+
+def dit_step_flops(
+    model: DiT, batch: int, mode: str = "full", checkpointing: bool = False, lora_rank: int = 0
+) -> float:
+    """Analytic FLOPs of one training step (forward, backward, and the blocks' recomputed forward under
+    gradient checkpointing), counting only the products autograd really computes. A linear layer's
+    backward costs its forward once for the input gradient (when its input depends on something
+    trained) and once for the weight gradient (when the weight is trained); attention's two T x T
+    products cost twice their forward when q, k, v need gradients.
+
+    mode: ``full`` trains every weight (train.py, the Masked KD student); ``frozen`` trains only the
+    pruning gates: no weight gradients at all, and block 0 needs none since its input and weights are
+    fixed (the gates mix block outputs, so gradients flow from block 1 on); ``delta_w`` trains the block
+    weights; ``lora`` trains rank-``lora_rank`` adapters on the block linears (incl. adaLN).
+    """
+    if mode not in STEP_MODES:
+        raise ValueError(f"mode must be one of {STEP_MODES}, got {mode!r}")
+    tokens = model.x_embedder.num_patches
+    width = model.pos_embed.shape[-1]
+    full = mode == "full"
+
+    def linear(layer: torch.nn.Module, per: int, dx: bool, dw: bool) -> tuple[float, float]:
+        """(forward, backward) FLOPs of one linear/conv applied ``per`` times per sample."""
+        f = 2 * layer.weight.numel() * per
+        return f, f * (int(dx) + int(dw))
+
+    def lora(layer: torch.nn.Module, per: int, dx: bool) -> tuple[float, float]:
+        """Adapter B(A(x)): forward; backward = both weight grads, B's input grad, and A's when x needs one."""
+        if mode != "lora":
+            return 0.0, 0.0
+        out_f, in_f = layer.weight.shape[:2]
+        fa, fb = 2 * lora_rank * in_f * per, 2 * lora_rank * out_f * per
+        return fa + fb, fa + 2 * fb + (fa if dx else 0)
+
+    fwd = bwd = 0.0
+    for layer, per, dx in (
+        (model.x_embedder.proj, tokens, False),
+        (model.t_embedder.mlp[0], 1, False),
+        (model.t_embedder.mlp[2], 1, full),
+        (model.final_layer.adaLN_modulation[-1], 1, full),
+        (model.final_layer.linear, tokens, True),  # its input mixes gated blocks: always needs a gradient
+    ):
+        f, b = linear(layer, per, dx, full)
+        fwd, bwd = fwd + f, bwd + b
+    recompute = 0.0
+    for i, block in enumerate(model.blocks):
+        # frozen: nothing before block 1 depends on a trained tensor; otherwise everything in a block does
+        grad_inside = mode != "frozen" or i > 0
+        fb = bb = 0.0
+        for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+            base = getattr(layer, "base_layer", layer)  # LoRA wraps the original linear
+            f, b = linear(base, tokens, grad_inside, mode in ("full", "delta_w"))
+            lf, lb = lora(base, tokens, grad_inside)
+            fb, bb = fb + f + lf, bb + b + lb
+        ada = block.adaLN_modulation[-1]
+        ada = getattr(ada, "base_layer", ada)
+        f, b = linear(ada, 1, full, mode in ("full", "delta_w"))  # its input, c, is trained only in full
+        lf, lb = lora(ada, 1, full)
+        attn = 4 * tokens * tokens * width
+        fb, bb = fb + f + lf + attn, bb + b + lb + (2 * attn if grad_inside else 0)
+        fwd, bwd = fwd + fb, bwd + bb
+        if checkpointing and grad_inside:  # a block autograd never enters is not recomputed
+            recompute += fb
+    return batch * (fwd + bwd + recompute)

@@ -3,7 +3,8 @@
 python bench/sampling.py                                   # XL/2, D19, D14, D7 at 256px, DDPM, CFG 1.5
 python bench/sampling.py --samplers ddpm ddim dpm-solver --precision bf16 --batch-size 32   # a GPU
 
-Every sampler step costs one guided forward pass of the whole batch (2B images with CFG), whatever the step count,
+With --rounds R every model is timed R times in turn and its median kept. Every sampler step costs one guided
+forward pass of the whole batch (2B images with CFG), whatever the step count,
 so the loop runs --timed-steps real steps through sample.py's code and reports iterations/s; images/s of a full
 run is batch / (its step count / it/s). Achieved FLOP/s are the analytic forward FLOPs over the measured time,
 shown as a share of the matmul rate measured in the same run at the same precision.
@@ -37,7 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--timed-steps", type=int, default=None, help="sampler steps timed (default: 20 GPU, 3 CPU)")
     p.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
+    p.add_argument("--rounds", type=int, default=1, help="time every model this many times, in turn (ABAB: for "
+                   "noisy shared machines), and keep each one's median")  # fmt: skip
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--matmul-size", type=int, default=None, help="n of the n^3 peak matmul (default 8192 GPU, 2048 CPU)"
+    )
     p.add_argument("--json-out", default="results/bench/sampling.json")
     return p.parse_args(argv)
 
@@ -52,8 +58,8 @@ def bench_model(name: str, sampler: str, args: argparse.Namespace, device: torch
     )  # fmt: skip
     z = torch.randn(args.batch_size, 4, latent, latent, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    if sampler == "dpm-solver" and args.timed_steps < 2:
-        raise ValueError("dpm-solver needs --timed-steps >= 2")
+    if args.timed_steps < 2:  # a respaced schedule of one step has no posterior variance
+        raise ValueError("--timed-steps must be at least 2")
     warm = argparse.Namespace(**{**vars(run), "num_sampling_steps": 2})
     sample_latents(model, z, y, warm, precision, progress=False)  # kernels, autotuning, allocator
     sync(device)
@@ -84,14 +90,19 @@ def main(args: argparse.Namespace) -> list[dict]:
     precision = resolve_precision(args.precision, device)
     args.batch_size = args.batch_size or (32 if device.type == "cuda" else 2)
     args.timed_steps = args.timed_steps or (20 if device.type == "cuda" else 3)
-    peak = matmul_rate(device, "tf32" if precision == "fp32" and device.type == "cuda" else precision)
+    peak = matmul_rate(device, "tf32" if precision == "fp32" and device.type == "cuda" else precision, args.matmul_size)
     print(f"{device} {precision}: measured matmul rate {peak / 1e12:.2f} TFLOP/s; batch {args.batch_size}, "
           f"cfg {args.cfg_scale}, {args.image_size}px, {args.timed_steps} timed steps")  # fmt: skip
     rows = []
     for sampler in args.samplers:
         base = None
+        runs = {name: [] for name in args.models}
+        for _ in range(args.rounds):  # models in turn, so slow drifts of a shared machine hit all alike
+            for name in args.models:
+                runs[name].append(bench_model(name, sampler, args, device, precision))
         for name in args.models:
-            row = bench_model(name, sampler, args, device, precision)
+            row = sorted(runs[name], key=lambda r: r["it_s"])[len(runs[name]) // 2]
+            row["rounds"] = [r["it_s"] for r in runs[name]]
             base = base or row["it_s"]
             row["speedup"] = row["it_s"] / base
             row["peak_share"] = row["tflops"] * 1e12 / peak

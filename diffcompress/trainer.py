@@ -13,6 +13,7 @@ What it guarantees, at any scale (one CPU process up to many GPU nodes under tor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import signal
@@ -84,6 +85,9 @@ def add_training_args(
     g.add_argument("--max-nan-steps", type=int, default=100, help="stop after this many non-finite losses")
     g.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    g.add_argument("--grad-accum-steps", type=int, default=1,
+                   help="split each rank's batch into this many micro-batches (same update, less memory)")  # fmt: skip
+    g.add_argument("--compile", action="store_true", help="torch.compile every transformer block (slow first steps)")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (WANDB_MODE=offline works)")
 
@@ -193,6 +197,118 @@ def find_latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def make_optimizer(groups: list[dict[str, Any]], args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW over ``groups``, fused: one kernel for all tensors on CUDA and CPU, and it can skip a step
+    on the device (``found_inf``), which is what keeps TrainStep free of host syncs."""
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+
+
+def compile_blocks(model: torch.nn.Module, **compile_kwargs: Any) -> None:
+    """torch.compile each transformer block in place (regional compilation: the blocks share one graph,
+    so it compiles once; the model's own control flow, e.g. pruning masks, stays eager; state-dict keys
+    do not change)."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise TrainingError(f"--compile: {type(model).__name__} has no .blocks to compile")
+    for block in blocks:
+        block.compile(**compile_kwargs)
+
+
+class TrainStep:
+    """One optimiser step of the training loop, importable on its own (bench/training.py times this).
+
+    The rank's batch is split into ``accum_steps`` equal micro-batches; their gradients add up (DDP
+    all-reduces only after the last), so the update equals that of one pass over the whole batch. A
+    non-finite gradient norm skips the update on the device (fused AdamW's ``found_inf``); the EMA still
+    moves toward the unchanged weights. Nothing here waits for the device: the caller reads the
+    returned ``skipped`` flag when it suits it.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        objective: Objective,
+        opt: torch.optim.Optimizer,
+        ema: torch.nn.Module | None,
+        *,
+        device: torch.device,
+        precision: str,
+        ema_decay: float,
+        grad_clip: float = 0.0,
+        accum_steps: int = 1,
+        forward_model: torch.nn.Module | None = None,
+    ):
+        if accum_steps < 1:
+            raise TrainingError(f"--grad-accum-steps must be at least 1, got {accum_steps}")
+        self.model, self.forward_model = model, forward_model if forward_model is not None else model
+        self.objective, self.opt, self.ema = objective, opt, ema
+        self.device, self.precision, self.ema_decay, self.accum_steps = device, precision, ema_decay, accum_steps
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.trained = [p for g in opt.param_groups for p in g["params"]]
+        self.max_norm = grad_clip if grad_clip > 0 else float("inf")
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Train on (x, y); return the objective's terms (detached fp32, mean over micro-batches) and a
+        0-d float tensor, 1 if the update was skipped."""
+        n = self.accum_steps
+        if len(x) % n:
+            raise TrainingError(f"a batch of {len(x)} per rank does not split into --grad-accum-steps {n}")
+        self.opt.zero_grad(set_to_none=True)
+        totals: dict[str, torch.Tensor] = {}
+        for i, (xm, ym) in enumerate(zip(x.chunk(n), y.chunk(n))):
+            no_sync = i < n - 1 and isinstance(self.forward_model, DDP)
+            with self.forward_model.no_sync() if no_sync else contextlib.nullcontext():
+                with autocast(self.device, self.precision):
+                    terms = self.objective(self.forward_model, xm, ym, step)
+                self.scaler.scale(terms["loss"] / n).backward()
+            for k, v in terms.items():
+                v = v.detach().float() / n
+                totals[k] = totals[k] + v if k in totals else v
+        self.scaler.unscale_(self.opt)
+        norm = torch.nn.utils.clip_grad_norm_(self.trained, self.max_norm)
+        # grads are all-reduced, so every rank sees the same norm and takes the same decision
+        skipped = norm.isfinite().logical_not().float()
+        self.opt.found_inf = skipped  # read by fused AdamW: no update, no state change when 1
+        try:
+            self.opt.step()
+        finally:
+            del self.opt.found_inf
+        self.scaler.update()
+        if self.ema is not None:
+            update_ema(self.ema, self.model, self.ema_decay)
+        return totals, skipped
+
+
+class _SkipCounter:
+    """Counts skipped steps without stalling the device: on CUDA a step's flag is read once the next
+    step is queued (an event wait for the earlier step only), on CPU at once."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list[tuple[torch.Tensor, Any]] = []
+        self.total = self.since_log = 0
+
+    def add(self, flag: torch.Tensor) -> None:
+        if self.cuda:
+            event = torch.cuda.Event()
+            host = flag.to("cpu", non_blocking=True)
+            event.record()
+            self.pending.append((host, event))
+        else:
+            self.pending.append((flag, None))
+
+    def collect(self, keep: int | None = None) -> None:
+        """Read the flags, all but the newest ``keep`` (default: 1 on CUDA, 0 on CPU)."""
+        keep = (1 if self.cuda else 0) if keep is None else keep
+        while len(self.pending) > keep:
+            flag, event = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()
+            bad = int(flag.item())
+            self.total += bad
+            self.since_log += bad
+
+
 def train(
     args: argparse.Namespace,
     info: DistInfo,
@@ -214,6 +330,12 @@ def train(
     device = info.device
     precision = resolve_precision(args.precision, device)
     per_rank = per_rank_batch(args.global_batch_size, info.world_size)
+    accum = getattr(args, "grad_accum_steps", 1)
+    if accum < 1 or per_rank % accum:
+        raise TrainingError(
+            f"--grad-accum-steps {accum} must be a positive divisor of the per-rank batch {per_rank} "
+            f"(--global-batch-size {args.global_batch_size} over {info.world_size} processes)"
+        )
     exp_dir = experiment_dir(args)
     ckpt_dir = exp_dir / "checkpoints"
     logger = get_logger("train", exp_dir if info.is_main else None, info.rank)
@@ -234,16 +356,17 @@ def train(
     ]  # fmt: skip
     for g in groups:
         g.setdefault("lr", args.lr)
-    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    opt = make_optimizer(groups, args)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args, max_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    trained = [p for g in opt.param_groups for p in g["params"]]
-    max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
 
     train_steps = 0
     resume_path = args.resume
     if resume_path == "auto":
         resume_path = find_latest_checkpoint(ckpt_dir)
+        if info.distributed:  # rank 0's pick for all: one node's stale view of a shared folder must not split the run
+            choice = [resume_path]
+            dist.broadcast_object_list(choice, src=0)
+            resume_path = choice[0]
         if resume_path is None:
             logger.info(f"--resume auto: no checkpoint in {ckpt_dir}, starting from scratch")
     if resume_path:
@@ -267,7 +390,11 @@ def train(
         logger.info(f"resumed from {resume_path} at step {train_steps}")
         del state
 
+    if getattr(args, "compile", False):
+        compile_blocks(model)
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.distributed else model
+    step_fn = TrainStep(model, objective, opt, ema, device=device, precision=precision, ema_decay=args.ema_decay,
+                        grad_clip=args.grad_clip, accum_steps=accum, forward_model=ddp_model)  # fmt: skip
     model.train()
     loader = DataLoader(
         dataset, batch_size=per_rank, sampler=sampler, num_workers=args.num_workers,
@@ -298,7 +425,15 @@ def train(
 
     preemption = _Preemption()
     running: dict[str, torch.Tensor] = {}
-    skipped = nan_total = 0
+    skips = _SkipCounter(device)
+
+    def check_skips() -> None:
+        if skips.total > args.max_nan_steps:
+            raise TrainingError(
+                f"{skips.total} steps had a non-finite loss or gradient (bound --max-nan-steps "
+                f"{args.max_nan_steps}); lower --lr, use --precision fp32/bf16, or resume from an earlier checkpoint"
+            )
+
     history: list[dict[str, float]] = []
     last_ckpt: Path | None = None
     saved_step = -1
@@ -313,35 +448,20 @@ def train(
                 torch.manual_seed(step_seed(args.global_seed, info.rank, train_steps))
                 x = choose_view(x.to(device, non_blocking=True))
                 y = y.to(device, non_blocking=True)
-                with autocast(device, precision):
-                    terms = objective(ddp_model, x, y, train_steps)
-                loss = terms["loss"]
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                norm = torch.nn.utils.clip_grad_norm_(trained, max_norm)
-                # grads are all-reduced, so every rank sees the same norm and takes the same decision
-                if torch.isfinite(norm):
-                    scaler.step(opt)
-                    update_ema(ema, model, args.ema_decay)
-                else:
-                    skipped += 1
-                    nan_total += 1
-                    if nan_total > args.max_nan_steps:
-                        raise TrainingError(
-                            f"{nan_total} steps had a non-finite loss or gradient (bound --max-nan-steps "
-                            f"{args.max_nan_steps}); lower --lr, use --precision fp32/bf16, or resume from an "
-                            f"earlier checkpoint"
-                        )
-                scaler.update()
+                terms, skipped_flag = step_fn(x, y, train_steps)
+                skips.add(skipped_flag)
+                skips.collect()
+                check_skips()
                 sched.step()
                 train_steps += 1
                 bar.update(1)
-                for k, v in terms.items():
-                    v = v.detach().float()
+                for k, v in terms.items():  # on the device: read only at log time
                     running[k] = running[k] + v if k in running else v
 
                 if train_steps % args.log_every == 0 or train_steps == max_steps:
+                    skips.collect(keep=0)
+                    check_skips()
+                    skipped = skips.since_log
                     n = train_steps - log_step0
                     elapsed = time.perf_counter() - log_start
                     record = {k: _mean_over_ranks(v / n, info) for k, v in running.items()}
@@ -360,7 +480,7 @@ def train(
                     if on_log is not None:
                         on_log(train_steps, record, model, ema)
                     history.append(record)
-                    running, skipped = {}, 0
+                    running, skips.since_log = {}, 0
                     log_start, log_step0 = time.perf_counter(), train_steps
 
                 if train_steps % args.ckpt_every == 0 or train_steps == max_steps:
@@ -386,7 +506,7 @@ def train(
     if info.is_main:
         state = "preempted" if preempted else "done"
         logger.info(f"{state} at step {train_steps}; experiment folder {exp_dir}, last checkpoint {last_ckpt}")
-    return TrainResult(train_steps, last_ckpt, exp_dir, preempted, nan_total, history, ema)
+    return TrainResult(train_steps, last_ckpt, exp_dir, preempted, skips.total, history, ema)
 
 
 def _mean_over_ranks(x: torch.Tensor, info: DistInfo) -> float:
