@@ -51,6 +51,19 @@ def matmul_rate(device: torch.device, precision: str, n: int | None = None) -> f
     return 2 * n**3 / seconds
 
 
+def dit_bench_setup(args) -> tuple[torch.device, str, str, float]:
+    """The device, precision and matmul rate a DiT benchmark measures against: (device, precision, the matmul
+    precision of the rate (TF32 for fp32 on CUDA, where it is on), the rate in FLOP/s)."""
+    from diffcompress.distributed import resolve_precision
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    precision = resolve_precision(args.precision, device)
+    peak_precision = "tf32" if precision == "fp32" and device.type == "cuda" else precision
+    return device, precision, peak_precision, matmul_rate(device, peak_precision, args.matmul_size)
+
+
 def dit_forward_flops(model: DiT, batch: int = 1) -> float:
     """FLOPs of one forward pass: 2 x weights x tokens for the linear layers applied per token (patch embedding,
     attention projections, MLP, final layer), attention's two T x T x d products, and 2 x weights once per

@@ -21,8 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import dit_forward_flops, machine, matmul_rate, print_table, sync, write_json  # noqa: E402
-from diffcompress.distributed import resolve_precision  # noqa: E402
+from bench.common import dit_bench_setup, dit_forward_flops, machine, print_table, sync, write_json  # noqa: E402
 from diffcompress.sampling import sample_latents  # noqa: E402
 from models_with_layer_pruning import create_model  # noqa: E402
 
@@ -84,13 +83,9 @@ def bench_model(name: str, sampler: str, args: argparse.Namespace, device: torch
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    precision = resolve_precision(args.precision, device)
+    device, precision, _, peak = dit_bench_setup(args)
     args.batch_size = args.batch_size or (32 if device.type == "cuda" else 2)
     args.timed_steps = args.timed_steps or (20 if device.type == "cuda" else 3)
-    peak = matmul_rate(device, "tf32" if precision == "fp32" and device.type == "cuda" else precision, args.matmul_size)
     print(f"{device} {precision}: measured matmul rate {peak / 1e12:.2f} TFLOP/s; batch {args.batch_size}, "
           f"cfg {args.cfg_scale}, {args.image_size}px, {args.timed_steps} timed steps")  # fmt: skip
     rows = []

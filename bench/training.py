@@ -30,8 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import dit_forward_flops, dit_step_flops, machine, matmul_rate, print_table, sync, write_json  # noqa: E402
-from diffcompress.distributed import resolve_precision  # noqa: E402
+from bench.common import dit_bench_setup, dit_forward_flops, dit_step_flops, machine, print_table, sync, write_json  # noqa: E402
 from diffcompress.ema import create_ema  # noqa: E402
 from diffcompress.trainer import TrainStep, compile_blocks, diffusion_objective, make_optimizer  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
@@ -199,14 +198,9 @@ def bench_row(name: str, kind: str, args: argparse.Namespace, device: torch.devi
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    precision = resolve_precision(args.precision, device)
+    device, precision, peak_precision, peak = dit_bench_setup(args)
     args.batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
     args.timed_steps = args.timed_steps or (10 if device.type == "cuda" else 2)
-    peak_precision = "tf32" if precision == "fp32" and device.type == "cuda" else precision
-    peak = matmul_rate(device, peak_precision, args.matmul_size)
     print(f"{device} {precision}: measured {peak_precision} matmul rate {peak / 1e12:.3f} TFLOP/s; batch "
           f"{args.batch_size}, {args.image_size}px, {args.timed_steps} timed steps", flush=True)  # fmt: skip
     both = {"off": [False], "on": [True], "both": [False, True]}
