@@ -69,7 +69,7 @@ class Preset:
 
 
 PRESETS = {
-    "demo": Preset(seeds=[0], prune_steps=200, finetune_steps=300, patterns=["1:2"]),
+    "demo": Preset(seeds=[0], prune_steps=200, finetune_steps=300, patterns=["1:2"], num_samples=300),  # 10 min
     "bench": Preset(
         seeds=[0, 1, 2],
         prune_steps=200,
