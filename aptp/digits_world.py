@@ -49,7 +49,7 @@ from diffcompress.cli import run
 from diffcompress.errors import UserError
 
 from .data import CC3M_SPLITS
-from .make_tiny import TINY_UNET_CONFIG, cc3m_image_name
+from .make_tiny import TINY_UNET_CONFIG, cc3m_image_name, word_tokenizer
 
 RESOLUTION = 32  # pixels; the VAE's 4x downsampling gives 8x8 latents, one per digit pixel
 LATENT_SIZE = 8
@@ -260,21 +260,10 @@ def concept_vectors(dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
 def build_sentence_encoder(path: str | Path, dim: int = 32, seed: int = 0) -> Path:
     """Save the bag-of-concepts sentence encoder (see the module docstring) as a sentence-transformers folder."""
     from sentence_transformers import SentenceTransformer
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertModel
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    vocab = {w: i for i, w in enumerate(specials + vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        model_max_length=64,
-    )  # fmt: skip
+    tokenizer = word_tokenizer(vocabulary(), max_length=64)
+    vocab = tokenizer.get_vocab()
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=dim, num_hidden_layers=0, num_attention_heads=1, intermediate_size=dim,
         max_position_embeddings=64, layer_norm_eps=1e-12,

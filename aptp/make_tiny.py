@@ -39,29 +39,36 @@ SUBJECTS = ("cat", "dog", "bird", "horse", "man", "woman", "child", "car", "hous
 ACTIONS = ("sitting", "running", "standing")
 
 
-def build_sentence_encoder(path: Path, dim: int = 16, seed: int = 0) -> Path:
-    """Save a random tiny BERT sentence-transformers model (word-level vocabulary, mean pooling, and a
-    Normalize module the router must drop) to ``path``; the same folder layout as a downloaded model."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Normalize, Pooling, Transformer
+def word_tokenizer(words: list[str], max_length: int):
+    """A BERT-style tokenizer whose vocabulary is ``words`` (lower-cased, split on whitespace) plus [PAD], [UNK],
+    [CLS] and [SEP], framing each text as [CLS] ... [SEP]: the tiny sentence encoders' tokenizer."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    vocab = {w: i for i, w in enumerate(specials + list(WORDS))}
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
     )
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        model_max_length=32,
+        model_max_length=max_length,
     )  # fmt: skip
+
+
+def build_sentence_encoder(path: Path, dim: int = 16, seed: int = 0) -> Path:
+    """Save a random tiny BERT sentence-transformers model (word-level vocabulary, mean pooling, and a
+    Normalize module the router must drop) to ``path``; the same folder layout as a downloaded model."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    tokenizer = word_tokenizer(list(WORDS), max_length=32)
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=dim, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=len(tokenizer), hidden_size=dim, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=2 * dim, max_position_embeddings=32,
     )  # fmt: skip
     hf = path / "hf"
