@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# Torch may use every core; the test suite runs in one process.
+# Torch may use every core outside the tests; under pytest-xdist each worker takes its share (tests/conftest.py).
 export OMP_NUM_THREADS ?= 2
+# Test files run in parallel, one worker per core, a file per worker (its module fixtures are built once).
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The digits demo's teacher: train.py's exact flags (recorded with the shipped file by demo.py --export-teacher).
 # The thread count is pinned: it changes the rounding of CPU matrix products, so the run repeats bit for bit only
@@ -19,7 +22,7 @@ TEACHER_FLAGS := --model DiT-Digits/2 --data-path data/digits/train --image-size
 TEACHER_CKPT := outputs/teacher/digits-DiT-Digits-2/checkpoints/$(shell printf '%07d' $(TEACHER_STEPS)).pt
 DEMO_ENV := OMP_WAIT_POLICY=PASSIVE
 
-.PHONY: setup demo bench teacher demo-aptp aptp-teacher test lint format clean
+.PHONY: setup demo bench teacher demo-aptp aptp-teacher test test-fast lint format clean
 
 setup: $(STAMP)
 
@@ -57,8 +60,12 @@ aptp-teacher: setup
 	rm -rf outputs/aptp-teacher
 	$(DEMO_ENV) OMP_NUM_THREADS=2 $(PY) demo_aptp.py --train-teacher
 
+# The whole suite (what .ci/run calls), and the inner loop: the tests that start no process (tests/conftest.py).
 test: setup
-	$(PY) -m pytest -q
+	$(PYTEST)
+
+test-fast: setup
+	$(PYTEST) -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
 from diffcompress.cli import run
 from diffcompress.distributed import resolve_precision, setup_distributed
-from diffcompress.sampling import add_sampling_args, load_model_and_codec, sample_latents
+from diffcompress.sampling import add_sampling_args, load_model_and_codec, sample_latents, save_grid
 
 DEFAULT_IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 
@@ -45,8 +44,8 @@ def parse_labels(text: str | None, num_classes: int) -> list[int]:
     return labels
 
 
+@torch.no_grad()
 def main(args: argparse.Namespace) -> Path:
-    torch.set_grad_enabled(False)
     info = setup_distributed(args.device)
     device, precision = info.device, resolve_precision(args.precision, info.device)
     model, codec, latent_size = load_model_and_codec(args, device)
@@ -60,7 +59,7 @@ def main(args: argparse.Namespace) -> Path:
     images = codec.decode(samples)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, out, nrow=min(n, 4), normalize=True, value_range=(-1, 1))
+    save_grid(images, out, nrow=min(n, 4))
     print(f"sampled {n} images with {args.num_sampling_steps} {args.sampler} steps in {elapsed:.1f}s; wrote {out}")
     return out
 

@@ -84,8 +84,8 @@ def check_same_run(folder: Path, record: dict) -> None:
                         "delete the folder or pass another --sample-dir")  # fmt: skip
 
 
+@torch.no_grad()
 def main(args: argparse.Namespace) -> Path:
-    torch.set_grad_enabled(False)
     if args.num_fid_samples <= 0 or args.per_proc_batch_size <= 0:
         raise ValueError("--num-fid-samples and --per-proc-batch-size must be positive")
     info = setup_distributed(args.device)

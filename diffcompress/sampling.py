@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from diffusion import create_diffusion
 from diffusion.dpm_solver import dpm_solver_sample_loop
@@ -83,3 +85,21 @@ def sample_latents(
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images in [-1, 1], [N, 3, H, W] -> uint8 [N, H, W, 3] (DiT's rounding: clamp(127.5 x + 128))."""
     return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, padding: int = 2) -> None:
+    """Images in [-1, 1], [N, 3, H, W] -> one PNG, ``nrow`` per row on a black ``padding``: the picture of DiT's
+    ``torchvision.utils.save_image(..., normalize=True, value_range=(-1, 1))`` without importing torchvision (about
+    two seconds at every start). A single image is saved without the border, as torchvision does."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) / 2).cpu()
+    n, c, h, w = x.shape
+    if n == 1:
+        grid = x[0]
+    else:
+        rows, cols = -(-n // nrow), min(nrow, n)
+        grid = torch.zeros(c, rows * (h + padding) + padding, cols * (w + padding) + padding)
+        for i, image in enumerate(x):
+            top, left = (i // cols) * (h + padding) + padding, (i % cols) * (w + padding) + padding
+            grid[:, top : top + h, left : left + w] = image
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
+    Image.fromarray(pixels.squeeze(-1) if c == 1 else pixels).save(path)

@@ -1,5 +1,11 @@
 """Shared fixtures: the reference numbers from the official DiT code, and a tiny DiT built from them."""
 
+import contextlib
+import os
+import runpy
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,6 +20,12 @@ ROOT = Path(__file__).parent.parent
 # The toy setting of the pruning and distillation tests: a 4-class DiT on 8x8 latents, one CPU process.
 TOY_DIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, num_heads=4, num_classes=4)
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
+
+# Under pytest-xdist the workers share the cores: each takes its share of threads, and so do the processes it starts.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 TOY_FLAGS = ["--num-classes", "4", "--global-batch-size", "16", "--num-workers", "0", "--ckpt-every", "100000"]
 
 
@@ -36,3 +48,68 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@dataclass
+class ScriptResult:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def last_line(self) -> str:
+        """The last non-empty line of stderr: a user error's one line."""
+        return ([line for line in self.err.splitlines() if line.strip()] or [""])[-1]
+
+
+@pytest.fixture()
+def script(capsys, monkeypatch):
+    """``script("train.py", *flags)`` runs a top-level script's ``__main__`` block in this process, as ``python
+    train.py flags`` would, and returns its exit code, stdout and stderr. A traceback is raised, not returned: a
+    user's mistake must end in one line (exit 2)."""
+
+    def call(path: str, *args: str) -> ScriptResult:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", [str(ROOT / path), *map(str, args)])
+        try:
+            runpy.run_path(str(ROOT / path), run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return ScriptResult(code, captured.out, captured.err)
+
+    return call
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `make test-fast` runs the tests not marked slow (pyproject.toml): those that start no process. A test that starts
+# one (a script, torchrun, accelerate, Slurm, bash) without the mark fails, so the split stays honest.
+
+
+@contextlib.contextmanager
+def _processes_need_the_slow_mark(item):
+    if item.get_closest_marker("slow"):
+        yield
+        return
+
+    def refuse(self, args, *rest, **kwargs):
+        raise AssertionError(f"{item.nodeid} starts a process ({args!r}): mark it @pytest.mark.slow")
+
+    original, subprocess.Popen.__init__ = subprocess.Popen.__init__, refuse
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = original
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with _processes_need_the_slow_mark(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _processes_need_the_slow_mark(item):
+        return (yield)

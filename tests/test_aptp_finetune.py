@@ -241,6 +241,7 @@ def checkpoint(out, step, name):
     return json.loads(path.read_text()) if name.endswith(".json") else load_file(path)
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_routed_captions_and_save_the_expert(world, launched):
     log, out = launched
     prune_dir = world["prune_dir"]
@@ -287,6 +288,7 @@ def test_two_processes_train_the_routed_captions_and_save_the_expert(world, laun
     assert f"expert {TRAINED}: {out / 'expert'} (EMA weights" in log
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_expert_only(world, launched, tmp_path, in_process, capsys):
     out = tmp_path / "run"
     shutil.copytree(launched[1], out)

@@ -210,6 +210,7 @@ def test_clip_score_against_model_embeddings(tmp_path, tiny_clip):
     assert ours != pytest.approx(np.mean(100 * cos), rel=1e-2)
 
 
+@pytest.mark.slow
 def test_clip_model_offline_error(tmp_path):
     """A hub id that is not cached, offline: one line naming the model, the download command and the flag."""
     folder = noise_images(tmp_path / "imgs", 2, seed=3)

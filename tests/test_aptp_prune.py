@@ -133,6 +133,7 @@ def launched(world, tmp_path_factory):
     return launch(world, *overrides), out, cache
 
 
+@pytest.mark.slow
 def test_two_processes(world, launched):
     log, out, cache = launched
     assert "2 process(es) x 4 x 2 accumulation = global batch 16, lr 0.2" in log  # tiny.yaml's 0.05 x sqrt(16)
@@ -176,6 +177,7 @@ def test_two_processes(world, launched):
         assert e["params"] == sum(p.numel() for p in expert.parameters()) <= experts["dense"]["params"]
 
 
+@pytest.mark.slow
 def test_resume_keeps_budget_and_sigterm_checkpoints(world, launched, tmp_path, in_process, capsys):
     out = tmp_path / "run"
     shutil.copytree(launched[1], out)

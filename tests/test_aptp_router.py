@@ -210,6 +210,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sinkhorn_balanced_across_two_processes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

@@ -17,6 +17,8 @@ from diffcompress.checkpoint import load_file, read_metadata
 from .conftest import ROOT
 from .test_train import make_features
 
+pytestmark = pytest.mark.slow
+
 SCRIPTS = ROOT / "scripts"
 STAGES = ["extract_features", "prune_by_learning", "finetune", "masked_kd", "sample_ddp", "evaluate",
           "aptp_prune", "aptp_filter", "aptp_finetune", "aptp_generate"]  # fmt: skip

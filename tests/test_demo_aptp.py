@@ -184,6 +184,7 @@ def table_rows(report: str) -> dict[str, list[str]]:
     return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_a_full_report(tmp_path, data, capsys):
     out = tmp_path / "demo"
     report = demo_aptp.main(demo_aptp.parse_args(["--quick", "--out", str(out), "--data", str(data), "--teacher",

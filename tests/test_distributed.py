@@ -47,6 +47,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

@@ -124,6 +124,7 @@ def test_npz_images_stream_in_order(batches):
         np.testing.assert_array_equal(got, full)
 
 
+@pytest.mark.slow
 def test_evaluator_script_end_to_end(weights, batches, tmp_path):
     ref, sample = batches
     out = tmp_path / "results.json"
@@ -182,7 +183,7 @@ def test_precomputed_reference_statistics_are_used(weights, batches, tmp_path):
     assert source.startswith("computed") and np.allclose(mu_r, ref_pool.mean(0))
 
 
-def test_bad_inputs_fail_with_one_line(weights, batches, tmp_path):
+def test_bad_inputs_fail_with_one_line(weights, batches, tmp_path, script):
     ref, _ = batches
     floats = tmp_path / "floats.npz"
     np.savez(floats, arr_0=np.zeros((4, 8, 8, 3), np.float32))
@@ -191,9 +192,8 @@ def test_bad_inputs_fail_with_one_line(weights, batches, tmp_path):
     np.savez(tmp_path / "other.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
     with pytest.raises(UserError, match="it has: images"):
         NpzImages(tmp_path / "other.npz")
-    cmd = [sys.executable, "evaluator.py", str(ref), str(tmp_path / "missing.npz"), "--inception-weights", str(weights)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "no such batch file" in proc.stderr
+    result = script("evaluator.py", ref, tmp_path / "missing.npz", "--inception-weights", weights)
+    assert result.code == 2 and result.err.strip().startswith("error:") and "no such batch file" in result.err
 
 
 def test_missing_weights_offline_say_what_to_download(tmp_path, monkeypatch):

@@ -108,6 +108,7 @@ def image_seed(global_seed, index):  # the documented contract, written out inde
     return int(np.random.SeedSequence([global_seed, index]).generate_state(1, dtype=np.uint64)[0])
 
 
+@pytest.mark.slow
 def test_vae_extraction_torchrun_resume_and_pack(images, vae_dir, tmp_path):
     from diffusers import AutoencoderKL
 
@@ -172,6 +173,7 @@ def test_vae_extraction_torchrun_resume_and_pack(images, vae_dir, tmp_path):
         extract_in_process(*args[:4], "--image-size", 12, "--vae", vae_dir)
 
 
+@pytest.mark.slow
 def test_pixels_exact_torchrun_and_noop_rerun(images, tmp_path, capsys):
     out = tmp_path / "pixels"
     args = ["--data-path", images, "--features-path", out, "--image-size", 8, "--vae", "none", "--num-workers", 0]
@@ -196,13 +198,12 @@ def test_pixels_exact_torchrun_and_noop_rerun(images, tmp_path, capsys):
     assert listing(feat_dir, label_dir) == before  # nothing rewritten
 
 
-def test_strict_stops_with_one_line(images, tmp_path):
+def test_strict_stops_with_one_line(images, tmp_path, script):
     out = tmp_path / "strict"
     args = ["--data-path", images, "--features-path", out, "--image-size", 8, "--vae", "none", "--num-workers", 0]
-    result = extract(*args, "--batch-size", 4, "--strict", nproc=1)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
+    result = script("extract_features.py", *args, "--batch-size", 4, "--strict", "--device", "cpu")
+    assert result.code == 2
+    lines = [line for line in result.err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.err
     assert lines[0].startswith(f"error: cannot read image {images / 'bee' / 'bad.png'}: UnidentifiedImageError")
     assert not (out / "imagenet8_features" / "5.npy").exists()

@@ -158,6 +158,7 @@ def test_missing_tensorflow_is_a_user_error(monkeypatch):
         TFInception()
 
 
+@pytest.mark.slow
 def test_evaluator_tf_backend(graph_file, tmp_path):
     rng = np.random.default_rng(0)
     ref, sample, out = tmp_path / "ref.npz", tmp_path / "sample.npz", tmp_path / "out.json"

@@ -140,6 +140,7 @@ def test_exact_resume(features, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(features, tmp_path):
     torch.manual_seed(0)
     teacher = randomized(create_model("DiT-Ti/4", input_size=8, num_classes=4))

@@ -40,7 +40,10 @@ def _gloo_problem() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_gloo_problem() is not None, reason=f"multi-node on loopback: {_gloo_problem()}")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(_gloo_problem() is not None, reason=f"multi-node on loopback: {_gloo_problem()}"),
+]
 
 TIMEOUT = 300  # seconds for one launch (all its launchers); a failed or stuck launch kills every launcher
 

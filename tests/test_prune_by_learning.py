@@ -143,6 +143,7 @@ def test_resume_continues_the_decision_history(features, trained_pair, tmp_path)
     assert resumed["history"] == straight["history"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(features, tmp_path):
     out = tmp_path / "d6.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
@@ -160,6 +161,7 @@ def test_torchrun_two_processes(features, tmp_path):
     assert (tmp_path / "prune-DiT-Ti-4" / "decisions.png").is_file()
 
 
+@pytest.mark.slow
 def test_plain_model_is_refused(features, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "prune_by_learning.py"), "--model", "DiT-Ti/4",
                              "--data-path", str(features), *TOY_FLAGS, "--max-steps", "1"],

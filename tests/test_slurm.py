@@ -33,6 +33,8 @@ from models_with_layer_pruning import create_model
 from .conftest import ROOT
 from .test_train import assert_same_state, make_features
 
+pytestmark = pytest.mark.slow
+
 START_SCRIPT = ROOT / ".ci" / "slurm.sh"
 # The tiny CPU setting: DiT-Ti/4 on 8x8 latents (4 tokens), 4 classes, one gloo process with one thread.
 COMMON_ENV = {"DEVICE": "cpu", "NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",

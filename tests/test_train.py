@@ -102,6 +102,7 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 # ------------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow
 def test_train_ddp_two_processes_loss_falls(features, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(ROOT / "train.py"), *TINY_ARGS, "--data-path", str(features),
@@ -144,6 +145,7 @@ def test_exact_resume(features, tmp_path):
     assert not torch.equal(load_file(middle)["ema"]["blocks.0.mlp.fc1.weight"], a["ema"]["blocks.0.mlp.fc1.weight"])
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes(features, tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY_ARGS, "--data-path", str(features), "--results-dir",
            str(tmp_path), "--prefix", "t", "--max-steps", "100000", "--log-every", "1",
@@ -188,29 +190,25 @@ def test_nan_loss_steps_are_skipped_then_stop(features, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no update was applied
 
 
-def run_cli(*args):
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                            timeout=120, cwd=ROOT)  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    return lines[-1]
+def test_bad_input_gives_one_line_errors(features, tmp_path, script):
+    def error(*args):
+        result = script("train.py", *args)
+        assert result.code == 2, result.err
+        return result.last_line
 
-
-def test_bad_input_gives_one_line_errors(features, tmp_path):
     common = [*TINY_ARGS, "--max-steps", "1", "--results-dir", str(tmp_path)]
-    missing = run_cli(*common, "--data-path", str(tmp_path / "missing"))
+    missing = error(*common, "--data-path", str(tmp_path / "missing"))
     assert f"features folder '{tmp_path / 'missing'}' does not exist" in missing
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert str(empty) in run_cli(*common, "--data-path", str(empty))
+    assert str(empty) in error(*common, "--data-path", str(empty))
     broken = make_features(tmp_path / "broken", n=10)
     (broken / "imagenet64_labels" / "3.npy").unlink()
-    assert "3" in run_cli(*common, "--data-path", str(broken))
-    assert "invalid choice: 'DiT-Q/2'" in run_cli("--model", "DiT-Q/2", "--data-path", str(features))
+    assert "3" in error(*common, "--data-path", str(broken))
+    assert "invalid choice: 'DiT-Q/2'" in error("--model", "DiT-Q/2", "--data-path", str(features))
     wrong = tmp_path / "wrong.pt"
     torch.save(create_model("DiT-Ti/4", input_size=8, num_classes=4, depth=3).state_dict(), wrong)
-    msg = run_cli(*common, "--data-path", str(features), "--load-weight", str(wrong))
+    msg = error(*common, "--data-path", str(features), "--load-weight", str(wrong))
     assert "missing" in msg and "blocks.3-11.*" in msg and "depth 3" in msg
 
 
