@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from diffcompress.checkpoint import write_json_atomic
 from diffcompress.cli import run
@@ -34,6 +33,7 @@ from diffcompress.data import (
     read_manifest,
 )
 from diffcompress.distributed import barrier, cleanup, setup_distributed
+from diffcompress.progress import progress_bar
 from diffcompress.vae import LATENT_SCALE, PixelCodec, VAECodec, load_vae
 
 # Must agree between runs for a re-run to resume into the same folder.
@@ -143,7 +143,7 @@ def main(args: argparse.Namespace) -> Path:
     )  # fmt: skip
     failed: list[tuple[int, str]] = []
     written = 0
-    with tqdm(total=len(mine), unit="img", disable=not info.is_main, desc="extract") as bar:
+    with progress_bar(total=len(mine), unit="img", disable=not info.is_main, desc="extract") as bar:
         for batch in loader:
             for i, err in batch["failed"]:
                 if args.strict:

@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from diffcompress.checkpoint import load_dit_weights, model_hint, save_pruned
 from diffcompress.cli import run
 from diffcompress.data import CroppedImages, FeatureDataset, ImageFolderIndex, collate_images
 from diffcompress.errors import UserError
+from diffcompress.progress import progress_bar
 from diffcompress.vae import load_vae
 from diffusion import create_diffusion
 from models_with_layer_pruning import DiT, DiT_models, create_model
@@ -192,7 +192,7 @@ def block_influence(
     seen = 0
     try:
         total = math.ceil(len(calibration.labels) / batch_size)
-        for x0, y in tqdm(calibration.batches, desc="calibration", unit="batch", total=total):
+        for x0, y in progress_bar(calibration.batches, desc="calibration", unit="batch", total=total):
             seen += len(x0)
             if legacy:
                 t = torch.randint(0, LEGACY_T_MAX, (len(x0),), generator=generator)

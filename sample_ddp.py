@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from diffcompress.checkpoint import write_json_atomic
 from diffcompress.cli import run
 from diffcompress.distributed import barrier, cleanup, resolve_precision, setup_distributed
 from diffcompress.errors import UserError
+from diffcompress.progress import progress_bar
 from diffcompress.sampling import add_sampling_args, load_model_and_codec, sample_latents, to_uint8
 
 # Flags that change how the images are made, not which images: a re-run may change them.
@@ -103,7 +103,7 @@ def main(args: argparse.Namespace) -> Path:
     if info.is_main:
         print(f"{len(done)} of {args.num_fid_samples} samples exist in {folder}; {info.world_size} process(es)")
     shape = (codec.channels, latent, latent)
-    for start in tqdm(range(0, len(todo), args.per_proc_batch_size), disable=not info.is_main, desc="batches"):
+    for start in progress_bar(range(0, len(todo), args.per_proc_batch_size), disable=not info.is_main, desc="batches"):
         ids = todo[start : start + args.per_proc_batch_size]
         z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(index_seed(args.global_seed, i)))
                          for i in ids]).to(device)  # fmt: skip
@@ -117,7 +117,7 @@ def main(args: argparse.Namespace) -> Path:
     out = folder.parent / f"{folder.name}.npz"  # not with_suffix: the name holds dots (cfg-1.5)
     if info.is_main:
         arr = np.stack([np.asarray(Image.open(folder / f"{i:06d}.png")) for i in
-                        tqdm(range(args.num_fid_samples), desc="npz")])  # fmt: skip
+                        progress_bar(range(args.num_fid_samples), desc="npz")])  # fmt: skip
         labels = np.array([label_of(i, args) for i in range(args.num_fid_samples)], dtype=np.int64)
         tmp = out.with_name(f".{out.name}.tmp.npz")
         np.savez(tmp, arr_0=arr, labels=labels)

@@ -41,12 +41,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
 from diffcompress import digits
 from diffcompress.checkpoint import write_json_atomic
 from diffcompress.cli import run
 from diffcompress.errors import UserError
+from diffcompress.progress import progress_bar
 
 from .data import CC3M_SPLITS
 from .make_tiny import TINY_UNET_CONFIG, cc3m_image_name, word_tokenizer
@@ -205,7 +205,7 @@ def write_captioned_digits(root: str | Path, data: str | Path, copies: int = 2, 
         pixels = render(intensity, contents)
         (root / folder).mkdir(parents=True, exist_ok=True)
         lines = []
-        for row, (caption, image) in enumerate(zip(tqdm(captions, desc=f"render {split}"), pixels)):
+        for row, (caption, image) in enumerate(zip(progress_bar(captions, desc=f"render {split}"), pixels)):
             url = f"digits://{part}/{row}"
             Image.fromarray(image).save(root / folder / cc3m_image_name(row, url), format="PNG")
             lines.append(f"{caption}\t{url}\n")
@@ -323,7 +323,7 @@ def train_vae(images: np.ndarray, steps: int, batch_size: int = 64, lr: float = 
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     g = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc="VAE")
+    bar = progress_bar(range(steps), desc="VAE")
     for _ in bar:
         batch = x[torch.randint(len(x), (batch_size,), generator=g)]
         posterior = vae.encode(batch).latent_dist
@@ -409,7 +409,7 @@ def draw(pipe, prompts: list[str], seed: int = 0, steps: int = 25, guidance_scal
 
     generators = per_prompt_generators(seed, len(prompts))
     images = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+    for i in progress_bar(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
         out = pipe(
             prompts[i : i + batch_size], height=RESOLUTION, width=RESOLUTION, num_inference_steps=steps,
             guidance_scale=guidance_scale, generator=generators[i : i + batch_size], output_type="np",

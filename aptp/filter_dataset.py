@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import PartialState
-from tqdm.auto import tqdm
 
 from diffcompress.cli import run
 from diffcompress.errors import UserError
+from diffcompress.progress import progress_bar
 
 from .assignments import filtered_dir, load_router, read_router_info, write_assignments
 from .config import load_config
@@ -59,7 +59,7 @@ def route_captions(router: Router, embeddings: np.ndarray, batch_size: int, desc
     batches do not change the result: ``Router.route`` is per prompt)."""
     device = next(router.parameters()).device
     ids = [np.zeros(0, dtype=np.int64)]
-    for lo in tqdm(range(0, len(embeddings), batch_size), desc=desc):
+    for lo in progress_bar(range(0, len(embeddings), batch_size), desc=desc):
         batch = torch.from_numpy(np.array(embeddings[lo : lo + batch_size], dtype=np.float32)).to(device)
         ids.append(router.route(batch).cpu().numpy().astype(np.int64))
     return np.concatenate(ids)

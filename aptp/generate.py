@@ -38,12 +38,12 @@ import torch
 import yaml
 from diffusers.utils.pil_utils import numpy_to_pil
 from PIL import Image
-from tqdm.auto import tqdm
 
 from diffcompress.checkpoint import write_json_atomic
 from diffcompress.cli import run
 from diffcompress.distributed import DistInfo, barrier, cleanup, resolve_precision, setup_distributed
 from diffcompress.errors import UserError
+from diffcompress.progress import progress_bar
 
 from .assignments import read_expert_rows, read_summary
 from .data import CaptionTable, load_captions
@@ -184,7 +184,7 @@ def generate_expert(args: argparse.Namespace, info: DistInfo, dtype: torch.dtype
     mine = range(info.rank, len(rows), info.world_size)
     todo = [j for j in mine if not (out / names[j]).exists()]
     out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(todo), desc=f"expert {k}", unit="image", disable=not info.is_main) as bar:
+    with progress_bar(total=len(todo), desc=f"expert {k}", unit="image", disable=not info.is_main) as bar:
         for start in range(0, len(todo), args.batch_size):
             chunk = todo[start : start + args.batch_size]
             captions = [table.captions[rows[j]] for j in chunk]
@@ -198,7 +198,7 @@ def generate_expert(args: argparse.Namespace, info: DistInfo, dtype: torch.dtype
 
     if args.save_references:
         refs.mkdir(parents=True, exist_ok=True)
-        for j in tqdm(mine, desc="references", unit="image", disable=not info.is_main):
+        for j in progress_bar(mine, desc="references", unit="image", disable=not info.is_main):
             if (refs / names[j]).exists():
                 continue
             try:
@@ -257,7 +257,7 @@ def generate_routed(args: argparse.Namespace, info: DistInfo, dtype: torch.dtype
         print("prompts per expert: " + ", ".join(f"{k}: {counts[k]}" for k in sorted(counts)))
 
     mine = [i for i in range(info.rank, len(prompts), info.world_size) if not (out / names[i]).exists()]
-    with tqdm(total=len(mine), desc="routed", unit="image", disable=not info.is_main) as bar:
+    with progress_bar(total=len(mine), desc="routed", unit="image", disable=not info.is_main) as bar:
         for k in sorted({experts[i] for i in mine}):
             group = [i for i in mine if experts[i] == k]
             bar.set_postfix(expert=k)

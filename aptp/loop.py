@@ -8,7 +8,7 @@ Each optimizer step accumulates ``training.gradient_accumulation_steps`` micro-b
 returns the values to log, ``"loss"`` being the one back-propagated. The lr rises linearly over
 ``training.lr_warmup_steps`` and stays constant; gradients are clipped and a step with a non-finite norm is skipped
 (at most ``training.max_nan_steps`` of them). Every ``logging.logging_steps`` the running means go to ``log.txt``,
-``metrics.jsonl``, the tqdm bar and the trackers; every ``logging.checkpointing_steps`` and at the end
+``metrics.jsonl``, the progress output and the trackers; every ``logging.checkpointing_steps`` and at the end
 ``checkpoint(step)`` is called, and on SIGTERM/SIGUSR1 too before the loop stops early.
 """
 
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from diffcompress.errors import UserError
+from diffcompress.progress import progress_bar
 from diffcompress.trainer import StepSampler, _Preemption
 
 from .config import FinetuneTrainingConfig, LoggingConfig, TrainingConfig
@@ -85,7 +85,7 @@ def run_steps(
     unreadable: set[int] = set()
     nan_steps, unreadable_total, saved_step, preempted = 0, 0, step, False
     log_time, log_step = time.perf_counter(), step
-    bar = tqdm(total=t.max_train_steps, initial=step, desc=desc, disable=not accelerator.is_main_process)
+    bar = progress_bar(total=t.max_train_steps, initial=step, desc=desc, disable=not accelerator.is_main_process)
     data_iter = batches(loader, sampler, step, accumulation)
     model.train()
     try:

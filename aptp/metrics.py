@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from diffcompress.data import IMG_EXTENSIONS, center_crop_arr
 from diffcompress.errors import UserError
+from diffcompress.progress import progress_bar
 
 from .router import _first_line, _hub_reachable
 
@@ -172,7 +172,7 @@ def extract_features(
         ImageFiles(files, transform), batch_size=batch_size, num_workers=num_workers, collate_fn=list
     )
     values, kept, skipped = [], [], {}
-    for batch in tqdm(loader, desc=desc, unit="batch"):
+    for batch in progress_bar(loader, desc=desc, unit="batch"):
         for i, x, reason in batch:
             if x is None and strict:
                 raise UserError(f"cannot read image {files[i]} ({reason}); --on-bad-image skip leaves such files out")
@@ -340,7 +340,7 @@ def clip_text_embeddings(
     device = next(model.parameters()).device
     max_length = model.config.text_config.max_position_embeddings
     out = []
-    for i in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch"):
+    for i in progress_bar(range(0, len(texts), batch_size), desc=desc, unit="batch"):
         tokens = processor.tokenizer(
             list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )

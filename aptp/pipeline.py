@@ -36,9 +36,9 @@ import PIL.Image
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from tqdm.auto import tqdm
 
 from diffcompress.errors import UserError
+from diffcompress.progress import Progress, progress_bar
 
 from .assignments import load_router, read_experts, read_router_info
 from .expert import WEIGHTS, load_expert, materialize
@@ -252,7 +252,7 @@ class APTPPipeline:
         height: int | None = None,
         width: int | None = None,
         batch_size: int = 8,
-        bar: tqdm | None = None,
+        bar: Progress | None = None,
     ) -> np.ndarray:
         """Images [N, H, W, 3] (float in [0, 1]) of ``prompts`` by expert ``expert``, one generator per prompt."""
         if len(generators) != len(prompts):
@@ -295,7 +295,7 @@ class APTPPipeline:
         generators = list(generator) if generator is not None else per_prompt_generators(seed, len(prompts))
         experts = self.route(prompts)
         images: list[np.ndarray | None] = [None] * len(prompts)
-        with tqdm(total=len(prompts), desc="APTP", unit="image", disable=not progress) as bar:
+        with progress_bar(total=len(prompts), desc="APTP", unit="image", disable=not progress) as bar:
             for k in sorted(set(experts)):
                 index = [i for i, e in enumerate(experts) if e == k]
                 bar.set_postfix(expert=k)

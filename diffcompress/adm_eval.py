@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from tqdm import tqdm
 
 from .downloads import cache_dir
 from .errors import UserError
 from .fid_metrics import activation_statistics, frechet_distance, inception_score, precision_recall
+from .progress import progress_bar
 
 
 class InceptionBackend(Protocol):
@@ -114,7 +114,9 @@ def batch_activations(
             return z["pool"], z["spatial"]
     pools, spatials = [], []
     desc = f"{backend.name} inception: {images.path.name}"
-    for batch in tqdm(images.batches(batch_size), total=-(-len(images) // batch_size), desc=desc, disable=not progress):
+    for batch in progress_bar(
+        images.batches(batch_size), total=-(-len(images) // batch_size), desc=desc, disable=not progress
+    ):
         pool, spatial = backend.activations(batch)
         pools.append(pool)
         spatials.append(spatial)

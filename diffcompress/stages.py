@@ -13,11 +13,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
+LOG_TAIL = 8  # lines of a failed stage's log shown on the console
+
+
+@contextlib.contextmanager
+def lines_progress():
+    """Progress as log lines (diffcompress.progress) while a stage writes into its log file."""
+    before = os.environ.get("DIFFCOMPRESS_PROGRESS")
+    os.environ["DIFFCOMPRESS_PROGRESS"] = "lines"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("DIFFCOMPRESS_PROGRESS")
+        else:
+            os.environ["DIFFCOMPRESS_PROGRESS"] = before
 
 
 class StageRunner:
@@ -25,9 +38,9 @@ class StageRunner:
     module (``"aptp.prune"``: ``python -m aptp.prune``).
 
     ``in_process=True`` imports the module and calls ``main(parse_args(argv))``, returning its result (no interpreter
-    start-up per stage; progress bars still reach the terminal, printed output goes to the log); otherwise a child
-    process runs it. Each stage's printed output goes to ``<out>/logs/<NN>-<name>.log``; ``seconds`` holds the
-    wall time of every stage by its description.
+    start-up per stage); otherwise a child process runs it. Each stage's output (stdout, stderr, its progress as a
+    line every so often) goes to ``<out>/logs/<NN>-<name>.log``, so the console shows only the list of stages, and
+    a failed stage's last lines; ``seconds`` holds the wall time of every stage by its description.
     """
 
     def __init__(self, out: Path, in_process: bool = False):
@@ -57,24 +70,24 @@ class StageRunner:
 
     def _in_process(self, module: str, argv: list[str], log: Path, command: str) -> Any:
         script = importlib.import_module(module)
-        grad = torch.is_grad_enabled()  # sample_ddp.py turns gradients off for its process
         try:
-            with open(log, "w") as f, contextlib.redirect_stdout(f):
+            with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f), lines_progress():
                 print(f"$ {command}", flush=True)
                 return script.main(script.parse_args(argv))
         except BaseException as e:
             print(f"     failed: {type(e).__name__}: {e} (output in {log})", flush=True)
             raise
-        finally:
-            torch.set_grad_enabled(grad)
 
     def _child(self, module: str, argv: list[str], log: Path, what: str) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        env["DIFFCOMPRESS_PROGRESS"] = "lines"
         with open(log, "w") as f:
             f.write(f"$ {self.commands[-1]}\n")
             f.flush()
-            code = subprocess.run([sys.executable, "-m", module, *argv], stdout=f, env=env).returncode
+            code = subprocess.run([sys.executable, "-m", module, *argv], stdout=f, stderr=f, env=env).returncode
         if code != 0:
+            tail = "".join("     | " + line for line in log.read_text().splitlines(keepends=True)[-LOG_TAIL:])
+            print(tail, end="", file=sys.stderr, flush=True)
             raise UserError(f"step {len(self.commands)} ({what}) failed with exit code {code}: see above and {log}")
 
     def write_commands(self) -> Path:

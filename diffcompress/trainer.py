@@ -28,12 +28,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
 from .checkpoint import load_file, save_checkpoint
 from .distributed import DistInfo, autocast, get_logger, per_rank_batch, resolve_precision
 from .ema import create_ema, update_ema
 from .errors import UserError
+from .progress import progress_bar
 
 # An objective maps (model, latents, labels, step) to a dict of scalar tensors with at least "loss".
 Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], dict[str, torch.Tensor]]
@@ -438,7 +438,7 @@ def train(
     last_ckpt: Path | None = None
     saved_step = -1
     log_start, log_step0 = time.perf_counter(), train_steps
-    bar = tqdm(total=max_steps, initial=train_steps, desc="train", disable=not info.is_main, dynamic_ncols=True)
+    bar = progress_bar(total=max_steps, initial=train_steps, desc="train", disable=not info.is_main)
     preempted = False
     try:
         while train_steps < max_steps and not preempted:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
+
+from diffcompress.progress import progress_bar
 
 from .gaussian_diffusion import GaussianDiffusion
 
@@ -32,7 +33,7 @@ def dpm_solver_sample_loop(
     x, channels = noise, noise.shape[1]
     steps = scheduler.timesteps
     with torch.no_grad():
-        for t in tqdm(steps, desc="sampling", leave=False) if progress else steps:
+        for t in progress_bar(steps, desc="sampling", leave=False) if progress else steps:
             out = model(x, t.expand(x.shape[0]).to(noise.device), **(model_kwargs or {}))
             x = scheduler.step(out[:, :channels].to(x.dtype), t, x).prev_sample
     return x

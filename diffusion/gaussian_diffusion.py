@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from diffcompress.progress import progress_bar
 
 from .gaussian_math import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
@@ -300,7 +301,7 @@ class GaussianDiffusion:
             device = noise.device if noise is not None else torch.device("cpu")
         x = noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
         indices = range(self.num_timesteps - 1, -1, -1)
-        for i in tqdm(indices, desc="sampling", leave=False) if progress else indices:
+        for i in progress_bar(indices, desc="sampling", leave=False) if progress else indices:
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             with torch.no_grad():  # not inference_mode: a cond_fn may need grads; not around the yield
                 out = step(x, t)

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import platform
 import runpy
 import subprocess
 import sys
@@ -85,6 +86,21 @@ def script(capsys, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # `make test-fast` runs the tests not marked slow (pyproject.toml): those that start no process. A test that starts
 # one (a script, torchrun, accelerate, Slurm, bash) without the mark fails, so the split stays honest.
+
+
+# The longest files (measured with --durations, 2 workers) start first, so no worker is left with a long one at the
+# end while the other idles; the rest keep their order.
+LONGEST_FIRST = ["test_multinode.py", "test_slurm.py", "test_demo_aptp.py", "test_cluster_scripts.py",
+                 "test_train.py", "test_aptp_prune.py", "test_aptp_finetune.py", "test_extract_features.py",
+                 "test_digits.py"]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+platform.processor()  # runs `uname -p` once per process (cached): here, not inside a test that must start none
 
 
 @contextlib.contextmanager

@@ -26,8 +26,15 @@ def table_rows(report: str) -> dict[str, list[str]]:
 def test_quick_demo_writes_a_full_report(tmp_path, capsys):
     out, data = tmp_path / "demo", tmp_path / "data"
     report = demo.main(demo.parse_args(["--quick", "--out", str(out), "--data", str(data), "--teacher", str(TEACHER)]))
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert str(report) in printed and "decision plots" in printed
+    # the console is the list of stages; each stage's output and progress lines are in its log
+    assert captured.err == "" and "it/s" not in printed
+    train_log = next((out / "logs").glob("*-train.log")).read_text()
+    assert [line for line in train_log.splitlines() if line.startswith("train: ")] == [
+        next(line for line in train_log.splitlines() if line.startswith("train: 4/4 (100%)"))
+    ]
     rows = table_rows(report.read_text())
     assert list(rows) == METHODS
     for method, (kept, params, speedup, accuracy, fid, calib) in rows.items():
