@@ -55,6 +55,14 @@ def batches(tmp_path_factory):
     return ref, sample
 
 
+@pytest.fixture(scope="module")
+def activations(weights, batches):
+    """The backend and its (pool, spatial) activations of the reference and the sample batch, computed once."""
+    backend = TorchInception(weights, "cpu")
+    ref, sample = (backend.activations(np.load(path)["arr_0"]) for path in batches)
+    return backend, ref, sample
+
+
 def test_state_dict_is_torchvision_inception_with_1008_classes():
     ours = {k: v.shape for k, v in FIDInception().state_dict().items()}
     theirs = tvi.Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict()
@@ -125,7 +133,7 @@ def test_npz_images_stream_in_order(batches):
 
 
 @pytest.mark.slow
-def test_evaluator_script_end_to_end(weights, batches, tmp_path):
+def test_evaluator_script_end_to_end(weights, batches, activations, tmp_path):
     ref, sample = batches
     out = tmp_path / "results.json"
     cmd = [sys.executable, "evaluator.py", str(ref), str(sample), "--inception-weights", str(weights)]
@@ -139,9 +147,7 @@ def test_evaluator_script_end_to_end(weights, batches, tmp_path):
 
     # the same numbers from the backend's activations, with FID by the low-rank closed form (N < D here):
     # tr sqrt(S1 S2) is the nuclear norm of B A^T for S1 = A^T A, S2 = B^T B
-    backend = TorchInception(weights, "cpu")
-    ref_pool, ref_sp = backend.activations(np.load(ref)["arr_0"])
-    pool, sp = backend.activations(np.load(sample)["arr_0"])
+    backend, (ref_pool, ref_sp), (pool, sp) = activations
     assert sp.shape == (8, 2023) and pool.shape == (8, 2048)
     assert results["fid"] == pytest.approx(low_rank_fid(pool, ref_pool), rel=1e-4)
     assert results["sfid"] == pytest.approx(low_rank_fid(sp, ref_sp), rel=1e-4)
@@ -152,8 +158,9 @@ def test_evaluator_script_end_to_end(weights, batches, tmp_path):
 
     # both batches' activations are cached, and a later call reads them back instead of running the network
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
-    backend.activations = None  # would raise if called
-    cached_pool, _ = batch_activations(sample, backend, cache=tmp_path / "cache", progress=False)
+    fresh = TorchInception(weights, "cpu")
+    fresh.activations = None  # would raise if called
+    cached_pool, _ = batch_activations(sample, fresh, cache=tmp_path / "cache", progress=False)
     np.testing.assert_allclose(cached_pool, pool, rtol=1e-5, atol=1e-6)
 
 
@@ -165,12 +172,11 @@ def low_rank_fid(x1, x2):
     return diff @ diff + (a * a).sum() + (b * b).sum() - 2 * np.linalg.svd(b @ a.T, compute_uv=False).sum()
 
 
-def test_precomputed_reference_statistics_are_used(weights, batches, tmp_path):
+def test_precomputed_reference_statistics_are_used(batches, activations, tmp_path):
     # an ADM-format reference carrying mu/sigma/mu_s/sigma_s: those are used unless told otherwise. Here they are
     # the sample's own statistics, so FID and sFID are ~0 and precision/recall (from the images) stay exact.
     ref, sample = batches
-    backend = TorchInception(weights, "cpu")
-    pool, sp = backend.activations(np.load(sample)["arr_0"])
+    backend, (ref_pool, ref_sp), (pool, sp) = activations
     (mu, sigma), (mu_s, sigma_s) = activation_statistics(pool), activation_statistics(sp)
     with_stats = tmp_path / "ref_with_stats.npz"
     np.savez(with_stats, arr_0=np.load(sample)["arr_0"], mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
@@ -178,7 +184,6 @@ def test_precomputed_reference_statistics_are_used(weights, batches, tmp_path):
     assert used["ref_statistics"].startswith("precomputed")
     assert abs(used["fid"]) < 1e-6 * np.trace(sigma) and abs(used["sfid"]) < 1e-6 * np.trace(sigma_s)
     assert (used["precision"], used["recall"]) == (1.0, 1.0)
-    ref_pool, ref_sp = backend.activations(np.load(ref)["arr_0"])
     (mu_r, _), _, source = reference_statistics(with_stats, ref_pool, ref_sp, recompute=True)
     assert source.startswith("computed") and np.allclose(mu_r, ref_pool.mean(0))
 
