@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from aptp import digits_world as world
-from aptp.assignments import read_expert_ids, read_experts, read_summary
+from aptp.assignments import read_expert_ids, read_experts, read_router_info, read_summary
 from diffcompress import digits
 from diffcompress.checkpoint import load_file, write_json_atomic
 from diffcompress.cli import run
@@ -209,8 +209,8 @@ def real_ceiling(cc3m: Path, labels: np.ndarray, classifier: digits.DigitClassif
 
 
 def run_stages(runner: StageRunner, preset: Preset, sd: Path, encoder: Path, data: Path, out: Path) -> dict[int, str]:
-    """Captioned digits, pruning, filtering, fine-tuning of every expert with at least a batch of captions; returns
-    a note per expert left as sliced from the teacher."""
+    """Captioned digits, pruning, filtering, fine-tuning of every expert; returns a note per expert left as sliced
+    from the teacher (one that no training caption was routed to)."""
     cc3m, pruning = out / "world" / "cc3m", out / "pruning"
     runner("aptp.digits_world", ["--out", out / "world", "--data", data, "--copies", preset.copies],
            "render the captioned digits (CC3M layout)")  # fmt: skip
@@ -224,10 +224,8 @@ def run_stages(runner: StageRunner, preset: Preset, sd: Path, encoder: Path, dat
     runner("aptp.filter_dataset", ["--pruning_dir", pruning], "route every caption to its expert")
     notes = {}
     for k, rows in enumerate(read_summary(pruning, "train")["rows_per_expert"]):
-        if rows < preset.finetune_batch:
-            notes[k] = f"not fine-tuned: {rows} training captions"
-            print(f"     expert {k}: {notes[k]}, fewer than a batch; it is the teacher sliced by its code", flush=True)
-            continue
+        if rows == 0:
+            notes[k] = "not fine-tuned: no training caption routed to it; it is the teacher sliced by its code"
         runner("aptp.finetune", [
             "--config", CONFIGS / "finetuning.yaml", "--expert_id", k, f"pruning_dir={pruning}",
             f"training.max_train_steps={preset.finetune_steps}", f"training.train_batch_size={preset.finetune_batch}",
@@ -307,6 +305,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     aptp_seconds = runner.seconds["draw the prompts: APTP (routing, loading the experts)"] = time.perf_counter() - start
     aptp_images, experts = world.to_uint8(drawn.images), np.array(drawn.experts)
     agree = int((read_expert_ids(pruning, "validation")[: len(prompts)] == experts).sum())
+    routing_counts = routing_histograms(pruning, experts, pipe.route(prompts, "cosine"), out / "routing.png")
 
     reads = dict(
         real=Reading.of(classifier, world.load_images(cc3m / "validation")[: len(prompts)], contents),
@@ -329,7 +328,8 @@ def run_demo(args: argparse.Namespace) -> Path:
         teacher=shown(args.teacher), teacher_seconds=teacher_seconds, aptp_seconds=aptp_seconds,
         budget=read_experts(pruning)["budget"], routing_agrees_with_filter=agree,
         classifier_heldout_accuracy=evaluator.heldout_accuracy,
-        routed_train=read_summary(pruning, "train")["rows_per_expert"], rows=[asdict(r) for r in rows],
+        routed_train=read_summary(pruning, "train")["rows_per_expert"], routing_counts=routing_counts,
+        rows=[asdict(r) for r in rows],
     )  # fmt: skip
     write_json_atomic(out / "results.json", info)
     report = write_report(out, info, rows, routing, grids, preset, contents, experts)
@@ -338,6 +338,36 @@ def run_demo(args: argparse.Namespace) -> Path:
           f"results:       {out / 'results.json'}\ncommands:      {commands}\nwall time:     {wall / 60:.1f} min",
           flush=True)  # fmt: skip
     return report
+
+
+def routing_histograms(pruning: Path, experts: np.ndarray, cosine: list[int], chart: Path) -> dict[str, list[int]]:
+    """Prompts per expert, training captions and validation prompts, under the calibrated routing and plain cosine;
+    a bar chart of them in ``chart``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(read_experts(pruning)["experts"])
+    train = read_router_info(pruning)["routing"]
+    counts = {
+        "train, calibrated": train["train_counts"], "train, plain cosine": train["cosine_counts"],
+        "validation, calibrated": np.bincount(experts, minlength=k).tolist(),
+        "validation, plain cosine": np.bincount(cosine, minlength=k).tolist(),
+    }  # fmt: skip
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+    for ax, split in zip(axes, ("train", "validation")):
+        for j, rule in enumerate(("calibrated", "plain cosine")):
+            values = np.array(counts[f"{split}, {rule}"], float)
+            ax.bar(np.arange(k) + (j - 0.5) * 0.38, values / values.sum(), 0.38, label=rule)
+        ax.axhline(1 / k, color="gray", lw=0.8, ls="--", label="1/K")
+        ax.set(title=f"{split} captions", xlabel="expert", xticks=range(k))
+    axes[0].set_ylabel("share of prompts")
+    axes[1].legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(chart, dpi=120)
+    plt.close(fig)
+    return counts
 
 
 def write_grids(folder: Path, aptp_images: np.ndarray, teacher_images: np.ndarray, experts: np.ndarray,
@@ -410,6 +440,14 @@ def write_report(out: Path, info: dict, rows: list[Row], routing: list[dict], gr
                 f"| {k} | {column + 1} | {r['prompt']} | {r['digit']} | {r['read_by_expert']} | {r['read_by_teacher']} "
                 f"| {'yes' if r['colours_by_expert'] else 'no'} | {'yes' if r['colours_by_teacher'] else 'no'} |"
             )
+    counts, target = info["routing_counts"], info["budget"]
+    macs = {r.model: r.macs for r in rows}
+    routing_rows = [
+        f"| {k} | {macs[f'expert {k}'] / macs['dense teacher']:.0%} | "
+        + " | ".join(f"{c[k]} ({c[k] / max(sum(c), 1):.0%})" for c in counts.values())
+        + " |"
+        for k in range(len(info["routed_train"]))
+    ]
     text = [
         f"# APTP on captioned digits: {info['preset']}",
         "",
@@ -441,6 +479,19 @@ def write_report(out: Path, info: dict, rows: list[Row], routing: list[dict], gr
         f"- Drawing all {n} prompts took {info['teacher_seconds']:.1f}s with the dense teacher and "
         f"{info['aptp_seconds']:.1f}s with APTP (routing and loading the experts included).",
         *[f"- {r.model}: {r.note}" for r in rows if r.note],
+        "",
+        "## Routing",
+        "",
+        "Prompts per expert: the calibrated rule (`argmax_k cos_k / 0.05 + log v_k`, v from the transport that "
+        "balances the training captions, computed once at the end of pruning; what `aptp.filter_dataset` and "
+        "`APTPPipeline` use) against the plain cosine argmax. MACs: the expert's share of the dense UNet's, against "
+        f"the budget of {target:.0%} on average.",
+        "",
+        "![routing](routing.png)",
+        "",
+        f"| expert | MACs (target {target:.0%}) | " + " | ".join(counts) + " |",
+        "|---|---|" + "---|" * len(counts),
+        *routing_rows,
         "",
         "## What each expert got",
         "",

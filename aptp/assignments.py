@@ -30,7 +30,7 @@ from diffcompress.checkpoint import load_file, write_json_atomic
 from diffcompress.errors import UserError
 
 from .layout import ArchLayout
-from .router import Router
+from .router import ROUTING_RULES, Router
 
 ROUTER_WEIGHTS, ROUTER_INFO, EXPERTS = "router.pt", "router.json", "experts.json"
 FILTERED = "filtered"
@@ -108,16 +108,46 @@ def read_router_info(prune_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(_need(Path(prune_dir) / ROUTER_INFO, "no router description", _PRUNE_HINT).read_text())
 
 
-def load_router(prune_dir: str | os.PathLike, layout: ArchLayout, device: str | torch.device = "cpu") -> Router:
-    """The trained router of a pruning directory (eval mode), checked against the UNet's gate ``layout``."""
+def load_router(
+    prune_dir: str | os.PathLike, layout: ArchLayout, device: str | torch.device = "cpu", routing: str = "calibrated"
+) -> Router:
+    """The trained router of a pruning directory (eval mode), checked against the UNet's gate ``layout``, with its
+    experts' codes from experts.json and its routing calibration from router.json; it routes by ``routing``
+    (``calibrated`` | ``cosine``). A router written before calibration existed routes by cosine only when asked:
+    ``calibrated`` then fails in one line naming ``aptp.calibrate_routing``."""
     info = read_router_info(prune_dir)
     if info["layout_size"] != layout.size:
         raise UserError(
             f"{prune_dir}: the router was trained for {info['layout_size']} gates, this UNet has {layout.size}"
         )
-    router = Router(layout, info["prompt_dim"], info["num_experts"], order=info.get("depth_order"))
+    router = Router(
+        layout, info["prompt_dim"], info["num_experts"], order=info.get("depth_order"),
+        assignment=info.get("assignment", "argmax"),
+        expert_threshold=info.get("expert_threshold", "none"),  # routers before it thresholded without noise
+    )  # fmt: skip
     state = load_file(_need(Path(prune_dir) / ROUTER_WEIGHTS, "no router weights", _PRUNE_HINT))
     router.load_state_dict(state, strict=True)
+    if (Path(prune_dir) / EXPERTS).is_file():
+        codes = [e["code"] for e in read_experts(prune_dir)["experts"]]
+        if len(codes) != router.num_experts or any(len(c) != layout.size for c in codes):
+            raise UserError(f"{Path(prune_dir) / EXPERTS}: expected {router.num_experts} codes of {layout.size} gates")
+        router.fixed_codes = torch.tensor(codes, dtype=torch.float32)
+    log_v = (info.get("routing") or {}).get("log_v")
+    if log_v is not None:
+        if len(log_v) != router.num_experts:
+            raise UserError(f"{Path(prune_dir) / ROUTER_INFO}: routing.log_v has {len(log_v)} entries, not K")
+        router.log_v = torch.tensor(log_v, dtype=torch.float64)
+    elif router.num_experts == 1:
+        router.log_v = torch.zeros(1, dtype=torch.float64)  # one expert: nothing to balance
+    if routing not in ROUTING_RULES:
+        raise UserError(f"routing {routing!r}: expected one of {', '.join(ROUTING_RULES)}")
+    if routing == "calibrated" and router.log_v is None:
+        raise UserError(
+            f"{Path(prune_dir) / ROUTER_INFO} has no routing calibration (written before it existed): run "
+            f"`python -m aptp.calibrate_routing --pruning_dir {prune_dir}` once, or route by plain cosine "
+            f"(--routing cosine)"
+        )
+    router.routing = routing
     return router.to(device).eval()
 
 

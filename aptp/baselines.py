@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         resolution=args.resolution, budget=budget, target=target, steps=0, seed=args.seed,
         depth_order=list(router.order),
     )  # fmt: skip
-    experts = describe_experts(router, table, dict(unet.config))
+    experts = describe_experts(router.expert_codes(), table, dict(unet.config))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     save_checkpoint(router.state_dict(), out / ROUTER_WEIGHTS)

@@ -19,9 +19,10 @@ import yaml
 from diffcompress.errors import UserError
 
 from .losses import LossWeights
-from .router import DEFAULT_ENCODER
+from .router import ASSIGNMENTS, DEFAULT_ENCODER, EXPERT_THRESHOLDS
 
 T = TypeVar("T")
+THRESHOLDS = ", ".join(EXPERT_THRESHOLDS)
 
 
 @dataclass
@@ -39,6 +40,8 @@ class ModelConfig:
     num_experts: int = 8
     budget: float = 0.6  # keep this fraction of the dense UNet's MACs on average
     optimal_transport: bool = True  # False: each prompt takes its most similar code (a baseline)
+    assignment: str = "argmax"  # argmax: each prompt the argmax of the Sinkhorn plan (authors) | capacity: B/K per code
+    expert_threshold: str = "median"  # the noise an expert's code is thresholded with: median | mean | none | sample
 
 
 @dataclass
@@ -57,7 +60,7 @@ class TrainingConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.0
     adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = None  # None: no clipping, as the authors (our earlier default: 1.0)
     mixed_precision: str = "no"  # no | fp16 | bf16
     allow_tf32: bool = True
     snr_gamma: float = 5.0
@@ -96,6 +99,9 @@ class PruneConfig:
             (t.resolution > 0 and t.resolution % 8 == 0, "training.resolution must be a positive multiple of 8"),
             (t.mixed_precision in ("no", "fp16", "bf16"), "training.mixed_precision must be no, fp16 or bf16"),
             (log.report_to in ("none", "wandb", "tensorboard"), "logging.report_to must be none, wandb or tensorboard"),
+            (m.assignment in ASSIGNMENTS, f"model.assignment must be one of {', '.join(ASSIGNMENTS)}"),
+            (m.expert_threshold in EXPERT_THRESHOLDS, f"model.expert_threshold must be one of {THRESHOLDS}"),
+            (t.max_grad_norm is None or t.max_grad_norm > 0, "training.max_grad_norm must be positive or null"),
         ]
         positive = ["train_batch_size", "max_train_steps", "gradient_accumulation_steps", "learning_rate"]
         checks += [(getattr(t, k) > 0, f"training.{k} must be positive") for k in positive]
@@ -130,7 +136,7 @@ class FinetuneTrainingConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.0
     adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = None  # None: no clipping, as the authors (our earlier default: 1.0)
     mixed_precision: str = "no"  # no | fp16 | bf16
     allow_tf32: bool = True
     snr_gamma: float = 5.0
@@ -177,6 +183,7 @@ class FinetuneConfig:
             (t.lr_warmup_steps >= 0, "training.lr_warmup_steps must be >= 0"),
             (log.report_to in ("none", "wandb", "tensorboard"), "logging.report_to must be none, wandb or tensorboard"),
             (log.checkpointing_steps > 0 and log.logging_steps > 0, "logging step intervals must be positive"),
+            (t.max_grad_norm is None or t.max_grad_norm > 0, "training.max_grad_norm must be positive or null"),
         ]
         positive = ["train_batch_size", "max_train_steps", "gradient_accumulation_steps", "learning_rate"]
         checks += [(getattr(t, k) > 0, f"training.{k} must be positive") for k in positive]

@@ -3,17 +3,26 @@
     python -m aptp.evaluate samples/ --ref-dir coco-val-256/ --inception-weights pt_inception-2015-12-05-6726825d.pth
     python -m aptp.evaluate samples/ --metrics clip --clip-model models/clip-vit-base-patch32
     python -m aptp.evaluate samples/ --ref-stats fid-reference.npz --ref-embeddings cmmd-reference.npz
+    python -m aptp.evaluate results/coco30k/ --coco30k data/coco --reference_preprocess authors --inception-weights ...
 
 Inputs per metric (without ``--metrics``, every metric whose inputs are given is computed):
 
-- ``fid``: ``--ref-dir`` or ``--ref-stats``. The reference statistics (clean-fid ``legacy_pytorch``) are computed
-  from ``--ref-dir`` once and saved to ``--ref-stats`` (default ``<out dir>/fid-reference-<ref dir name>.npz``); a
-  later run reads them while the reference files and the Inception weights are unchanged. Both sets are first
-  center-cropped and resized to ``--resolution`` (256, as in the paper; 0 keeps them as they are).
+- ``fid``: ``--ref-dir``, ``--coco30k`` or ``--ref-stats``. The reference statistics (clean-fid ``legacy_pytorch``)
+  are computed from the reference images once and saved to ``--ref-stats`` (default
+  ``<out dir>/fid-reference-<ref dir name>[-authors].npz``); a later run reads them while the reference files, the
+  preprocessing and the Inception weights are unchanged. Both sets are first brought to ``--resolution`` (256, as in
+  the paper): ``--reference_preprocess ours`` center-crops and resizes (0 keeps them as they are), ``authors``
+  resizes the whole image to 256 x 256 with cv2.resize's bilinear arithmetic, as the authors' scripts did
+  (``aptp.data.resize_like_cv2``), for FIDs comparable with the paper's. Images already 256 x 256 (what
+  ``aptp.generate`` writes) are left as they are by both.
+- ``--coco30k COCO_DIR``: the references are the paper's COCO-30k images (30,000 distinct val2014 images drawn with
+  seed 42, ``aptp.data.coco30k``; ``--max_samples N``: the first N of that draw), read from the COCO folder, for FID
+  and CMMD. ``aptp.generate --coco30k`` draws the matching images and ``prompts.json``.
 - ``clip``: the prompts, ``--prompts`` or the folder's ``prompts.json``: a JSON object mapping image file names to
   prompts, or a JSON list in the images' natural name order (2.png before 10.png).
-- ``cmmd``: ``--ref-dir`` or ``--ref-embeddings`` (CLIP embeddings of the reference images, cached like the FID
-  statistics, default ``<out dir>/cmmd-reference-<ref dir name>.npz``).
+- ``cmmd``: ``--ref-dir``, ``--coco30k`` or ``--ref-embeddings`` (CLIP embeddings of the reference images, cached
+  like the FID statistics, default ``<out dir>/cmmd-reference-<ref dir name>.npz``); the CLIP processor resizes the
+  images itself, whatever ``--reference_preprocess``.
 
 Models load from local paths or hub ids (``--clip-model``, ``--cmmd-model``; offline only from a local folder or
 the hub cache). Images are the PNG/JPG/... files directly in the folder; unreadable ones are skipped and counted
@@ -29,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from diffcompress.checkpoint import write_json_atomic
 from diffcompress.cli import run
@@ -36,17 +46,20 @@ from diffcompress.distributed import get_logger
 from diffcompress.errors import UserError
 from diffcompress.fid_metrics import activation_statistics, frechet_distance
 
+from .data import COCO30K_SIZE, REFERENCE_PREPROCESS, coco30k, resize_like_cv2
 from .metrics import (
     CLIP_MODEL,
     CMMD_MODEL,
     CMMD_SCALE,
     CMMD_SIGMA,
     FID_MODE,
+    Features,
+    FidTransform,
     clip_image_embeddings,
     clip_score,
     clip_text_embeddings,
     cmmd,
-    fid_features,
+    extract_features,
     files_fingerprint,
     inception_extractor,
     list_images,
@@ -66,6 +79,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("images", help="folder of generated images (PNG/JPG)")
     p.add_argument("--metrics", nargs="+", choices=METRICS, default=None, help="default: all whose inputs are given")
     p.add_argument("--ref-dir", default=None, help="reference images (FID and CMMD)")
+    p.add_argument("--coco30k", default=None, metavar="COCO_DIR", help="references: COCO-30k of this COCO 2014 folder")
+    p.add_argument(
+        "--max-samples", "--max_samples", dest="max_samples", type=int, default=None,
+        help=f"--coco30k: the first N images of the draw (default {COCO30K_SIZE})",
+    )  # fmt: skip
+    p.add_argument(
+        "--reference-preprocess", "--reference_preprocess", dest="reference_preprocess", default="ours",
+        choices=REFERENCE_PREPROCESS, help="FID: ours (center crop + resize) or authors (cv2 bilinear to 256 x 256)",
+    )  # fmt: skip
     p.add_argument("--ref-stats", default=None, help="FID reference statistics .npz: read, or written from --ref-dir")
     p.add_argument("--ref-embeddings", default=None, help="CMMD reference embeddings .npz: read, or written")
     p.add_argument("--prompts", default=None, help=f"JSON prompts for CLIP score (default: <images>/{PROMPTS})")
@@ -84,15 +106,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def select_metrics(args: argparse.Namespace, prompts: Path) -> list[str]:
     """The metrics to compute; each one asked for must have its inputs."""
+    refs = bool(args.ref_dir or args.coco30k)
     has = {
-        "fid": bool(args.ref_dir or args.ref_stats),
+        "fid": refs or bool(args.ref_stats),
         "clip": bool(args.prompts) or prompts.is_file(),
-        "cmmd": bool(args.ref_dir or args.ref_embeddings),
+        "cmmd": refs or bool(args.ref_embeddings),
     }
     needs = {
-        "fid": "--ref-dir or --ref-stats",
+        "fid": "--ref-dir or --ref-stats (or --coco30k)",
         "clip": f"--prompts or a {PROMPTS} in the image folder",
-        "cmmd": "--ref-dir or --ref-embeddings",
+        "cmmd": "--ref-dir or --ref-embeddings (or --coco30k)",
     }
     if args.metrics is None:
         chosen = [m for m in METRICS if has[m]]
@@ -139,6 +162,28 @@ def reference(
     return arrays, meta
 
 
+class AuthorsFidTransform:
+    """An image as the authors' scripts fed it to clean-fid: the whole image resized to ``size`` x ``size`` with
+    cv2.resize's bilinear arithmetic, then clean-fid's ``legacy_pytorch`` input (``FidTransform``)."""
+
+    def __init__(self, size: int):
+        self.size, self.fid = size, FidTransform(None)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.fid(resize_like_cv2(np.asarray(img.convert("RGB")), self.size, self.size))
+
+
+def reference_files(args: argparse.Namespace) -> tuple[list[Path] | None, str]:
+    """The reference image files (``--ref-dir``'s, or the COCO-30k images), and a name for their cache files."""
+    if args.coco30k:
+        count = args.max_samples or COCO30K_SIZE
+        table = coco30k(args.coco30k, count)
+        return [Path(p) for p in table.paths], "coco30k" if count == COCO30K_SIZE else f"coco30k-{count}"
+    if args.ref_dir:
+        return list_images(args.ref_dir, "--ref-dir"), Path(args.ref_dir).resolve().name
+    return None, ""
+
+
 def skipped_note(what: str, skipped: dict[str, str], log: Callable[[str], None]) -> None:
     if skipped:
         first = next(iter(skipped.items()))
@@ -154,6 +199,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0 or args.resolution < 0:
         raise UserError("--batch-size must be positive, --num-workers and --resolution not negative")
+    if args.ref_dir and args.coco30k:
+        raise UserError("--ref-dir and --coco30k both name the reference images: give one")
+    if args.max_samples is not None and (not args.coco30k or args.max_samples < 1):
+        raise UserError("--max-samples takes a positive count, and applies only with --coco30k")
+    authors = args.reference_preprocess == "authors"
+    if authors and not args.resolution:
+        raise UserError("--reference-preprocess authors resizes to --resolution: it cannot be 0")
     folder = Path(args.images)
     files = list_images(folder, "image folder")
     prompts_file = Path(args.prompts) if args.prompts else folder / PROMPTS
@@ -161,11 +213,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prompts = load_prompts(prompts_file, files) if "clip" in chosen else None
     caches = (("fid", "--ref-stats", args.ref_stats), ("cmmd", "--ref-embeddings", args.ref_embeddings))
     for metric, flag, path in caches:
-        if metric in chosen and not args.ref_dir and not Path(path).is_file():
-            raise UserError(f"{flag} {path} does not exist (--ref-dir computes it)")
-    ref_files = list_images(args.ref_dir, "--ref-dir") if args.ref_dir else None
+        if metric in chosen and not (args.ref_dir or args.coco30k) and not Path(path).is_file():
+            raise UserError(f"{flag} {path} does not exist (--ref-dir or --coco30k computes it)")
+    ref_files, ref_name = reference_files(args)
+    ref_flag = f"--coco30k {args.coco30k}" if args.coco30k else f"--ref-dir {args.ref_dir}"
     out = Path(args.out) if args.out else folder / "metrics.json"
-    ref_name = Path(args.ref_dir).resolve().name if args.ref_dir else ""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):  # full fp32: the features feed a covariance and small kernel differences
         torch.backends.cudnn.allow_tf32 = False
@@ -180,19 +232,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         feature_fn, extractor = inception_extractor(args.inception_weights, device)
         resolution = args.resolution or None
         identity = {"mode": FID_MODE, "extractor": extractor, "resolution": resolution}
+        identity["preprocess"] = args.reference_preprocess
+        transform = AuthorsFidTransform(args.resolution) if authors else FidTransform(resolution)
+
+        def fid_features(files: list[Path], desc: str) -> Features:
+            return extract_features(files, transform, feature_fn, desc=desc, **read)
 
         def fid_stats(ref: list[Path]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-            feats = fid_features(ref, feature_fn, resolution, desc="Inception (reference)", **read)
+            feats = fid_features(ref, desc="Inception (reference)")
             skipped_note("FID reference", feats.skipped, log)
-            at_least(2, len(feats.values), f"--ref-dir {args.ref_dir}")
+            at_least(2, len(feats.values), ref_flag)
             mu, sigma = activation_statistics(feats.values)
             return {"mu": mu, "sigma": sigma}, {"num_images": len(feats.values), "skipped": len(feats.skipped)}
 
-        cache = Path(args.ref_stats) if args.ref_stats else out.parent / f"fid-reference-{ref_name}.npz"
+        suffix = "-authors" if authors else ""
+        cache = Path(args.ref_stats) if args.ref_stats else out.parent / f"fid-reference-{ref_name}{suffix}.npz"
         ref, ref_meta = reference("FID reference statistics", cache, "--ref-stats", ref_files, identity, fid_stats, log)
         if "mu" not in ref or "sigma" not in ref:
             raise UserError(f"--ref-stats {cache}: expected arrays mu and sigma, found {', '.join(ref) or 'none'}")
-        feats = fid_features(files, feature_fn, resolution, desc="Inception", **read)
+        feats = fid_features(files, desc="Inception")
         skipped.update(feats.skipped)
         at_least(2, len(feats.values), f"image folder {folder}")
         mu, sigma = activation_statistics(feats.values)
@@ -203,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["fid"] = {
             "value": value, "num_images": len(feats.values), "num_reference": ref_meta.get("num_images"),
             "reference": str(cache), "model": f"Inception-v3 (clean-fid {FID_MODE})", "resolution": resolution,
+            "preprocess": args.reference_preprocess,
         }  # fmt: skip
         del feature_fn
 
@@ -228,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def embeddings(ref: list[Path]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
             feats = clip_image_embeddings(ref, model, processor, desc="CLIP images (reference)", **read)
             skipped_note("CMMD reference", feats.skipped, log)
-            at_least(need, len(feats.values), f"--ref-dir {args.ref_dir}")
+            at_least(need, len(feats.values), ref_flag)
             return {"embeddings": feats.values}, {"num_images": len(feats.values), "skipped": len(feats.skipped)}
 
         cache = Path(args.ref_embeddings) if args.ref_embeddings else out.parent / f"cmmd-reference-{ref_name}.npz"

@@ -3,8 +3,9 @@
     python -m aptp.filter_dataset --pruning_dir results/aptp/pruning/cc3m [--splits train validation]
     accelerate launch -m aptp.filter_dataset --pruning_dir ...      # the prompt embeddings are shared out
 
-The router of a finished pruning run (``router.pt``/``router.json``) routes each caption deterministically: cosine
-argmax over the expert codes, no noise, independent of the batch. The dataset, its folder and the prompt encoder
+The router of a finished pruning run (``router.pt``/``router.json``) routes each caption deterministically and
+independently of the batch: ``argmax_k cos_k / 0.05 + log v_k`` with the per-expert scalings calibrated at the end
+of pruning (``--routing cosine``: the plain cosine argmax). The dataset, its folder and the prompt encoder
 are those of the pruning run (its ``config.yaml``); the prompt embeddings are read from the run's cache or computed
 into it (the training split's are usually there already). Under ``accelerate launch`` the processes share the
 embedding work and the main process routes and writes; routing itself is cheap.
@@ -32,7 +33,7 @@ from .assignments import filtered_dir, load_router, read_router_info, write_assi
 from .config import load_config
 from .data import embedding_cache_path, load_captions, prompt_embeddings
 from .layout import ArchLayout
-from .router import Router, _hub_reachable
+from .router import ROUTING_RULES, Router, _hub_reachable
 
 
 def load_unet_config(name: str, revision: str | None = None) -> dict[str, Any]:
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--splits", nargs="+", default=["train", "validation"], help="dataset splits to assign")
     parser.add_argument("--batch_size", type=int, default=256, help="captions per prompt-encoder / router batch")
     parser.add_argument("--data_dir", default=None, help="the dataset folder, if not the pruning run's")
+    parser.add_argument("--routing", choices=ROUTING_RULES, default="calibrated",
+                        help="calibrated: argmax_k cos_k / 0.05 + log v_k; cosine: the plain argmax")  # fmt: skip
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be positive, got {args.batch_size}")
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
 
     state = PartialState(cpu=not torch.cuda.is_available())  # several processes share the embedding work
     layout = ArchLayout.from_config(load_unet_config(info["pretrained_model_name_or_path"], cfg.revision))
-    router = load_router(pruning_dir, layout, state.device)
+    router = load_router(pruning_dir, layout, state.device, args.routing)
 
     summaries = []
     for split in args.splits:
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             summaries.append(
                 write_assignments(
                     pruning_dir, split, ids, router.num_experts, dataset=dataset, data_dir=str(data_dir),
-                    source=table.source, missing=table.missing, prompt_encoder=encoder,
+                    routing=args.routing, source=table.source, missing=table.missing, prompt_encoder=encoder,
                     embeddings=os.fspath(embedding_cache_path(cache_dir, encoder, table.captions)),
                 )
             )  # fmt: skip

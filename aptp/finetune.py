@@ -8,7 +8,10 @@ The expert is the dense UNet with its weights loaded first, then sliced by exper
 (``aptp.expert.materialize``). It is trained on the training captions routed to K with the min-SNR v-prediction
 DDPM loss, output distillation and block distillation from the dense UNet (frozen, no grad); block outputs (each
 down block, the mid block, each up block) come from forward hooks, a dropped layer being an identity inside its
-block.
+block. An expert that no training caption was routed to has nothing to train: one line, exit 0, nothing written
+(``--all_prompts_if_empty`` trains it on all the training captions instead). One with fewer captions than a batch of
+all processes trains on them repeated to one full batch (each caption the same number of times, give or take one),
+so every step sees all of them at the configured batch size and learning rate.
 
 Written to ``output_dir`` (default ``<pruning_dir>/finetuning/expert_<K>``): ``config.yaml``, ``log.txt``,
 ``metrics.jsonl``; ``checkpoints/checkpoint-<step>/`` (accelerate state; ``expert.safetensors``: the weights the run
@@ -24,9 +27,11 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
@@ -42,7 +47,7 @@ from diffcompress.trainer import StepSampler
 
 from .assignments import expert_code, read_expert_rows, read_experts, read_router_info, read_summary, summary_path
 from .config import FinetuneConfig, load_config, to_dict
-from .data import CaptionedImages, CaptionTable, collate, load_captions
+from .data import CaptionedImages, CaptionTable, collate, load_captions, random_flip
 from .expert import materialize, save_expert
 from .layout import ArchLayout
 from .loop import run_steps
@@ -52,9 +57,13 @@ from .prune import STATE, capture_block_outputs, load_stable_diffusion, resume_p
 WEIGHTS = "expert.safetensors"  # in each checkpoint: the weights the run would save now
 
 
-def expert_captions(cfg: FinetuneConfig, expert_id: int) -> tuple[CaptionTable, int]:
+def expert_captions(
+    cfg: FinetuneConfig, expert_id: int, all_if_empty: bool = False
+) -> tuple[CaptionTable | None, int, CaptionTable]:
     """The training captions routed to ``expert_id`` (``filtered/train_expert_<K>.npy`` rows of the caption table
-    they were filtered from, the first ``data.max_train_samples``), and how many were routed to it."""
+    they were filtered from, the first ``data.max_train_samples``), how many were routed to it, and the whole table.
+    None when none was routed to it, unless ``all_if_empty``: then all training captions (the first
+    ``data.max_train_samples``)."""
     rows = read_expert_rows(cfg.pruning_dir, "train", expert_id)
     summary = read_summary(cfg.pruning_dir, "train")
     dataset = cfg.data.dataset_name or summary["dataset"]
@@ -66,9 +75,18 @@ def expert_captions(cfg: FinetuneConfig, expert_id: int) -> tuple[CaptionTable, 
             f"{table.source} has {len(table)}: run `python -m aptp.filter_dataset --pruning_dir {cfg.pruning_dir} "
             f"--data_dir {data_dir}` again"
         )
-    if len(rows) == 0:
-        raise UserError(f"expert {expert_id}: no training caption of {table.source} was routed to it")
-    return table.take(rows[: cfg.data.max_train_samples]), len(rows)
+    routed = len(rows)
+    if routed == 0:
+        if not all_if_empty:
+            return None, 0, table
+        rows = np.arange(len(table))
+    return table.take(rows[: cfg.data.max_train_samples]), routed, table
+
+
+def fill_one_batch(data: CaptionTable, batch: int) -> CaptionTable:
+    """``data`` repeated (each caption the same number of times, give or take one) to ``batch`` rows when it has
+    fewer, so that every step of a tiny expert still sees a full batch of all its captions."""
+    return data if len(data) >= batch else data.take(np.resize(np.arange(len(data)), batch))
 
 
 def load_models(
@@ -109,6 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="APTP fine-tuning: train one expert on the prompts routed to it")
     parser.add_argument("--config", required=True, help="YAML file (configs/aptp/finetuning/*.yaml)")
     parser.add_argument("--expert_id", type=int, required=True, help="the expert to train (0..K-1)")
+    parser.add_argument(
+        "--all_prompts_if_empty", action="store_true",
+        help="an expert that no training caption was routed to trains on all of them (default: nothing to do, exit 0)",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_train_steps=100")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after --expert_id
     cfg = load_config(args.config, args.overrides, FinetuneConfig)
@@ -117,7 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     t, out = cfg.training, Path(cfg.output_dir)
     if cfg.logging.report_to != "none" and importlib.util.find_spec(cfg.logging.report_to) is None:
         raise UserError(f"logging.report_to {cfg.logging.report_to} needs `pip install {cfg.logging.report_to}`")
-    data, routed = expert_captions(cfg, expert_id)  # bad input fails here, before anything heavy loads
+    data, routed, table = expert_captions(cfg, expert_id, args.all_prompts_if_empty)  # bad input fails here
+    if data is None:  # one line (from the main process of a launch), nothing written
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"expert {expert_id}: no training caption of {table.source} was routed to it; nothing to train "
+                f"(--all_prompts_if_empty trains it on all {len(table)} training captions)"
+            )
+        return
     code = expert_code(pruning_dir, expert_id)
     described = read_experts(pruning_dir)["experts"][expert_id]
 
@@ -155,13 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     dense_params = sum(p.numel() for p in dense.parameters())
     expert_params = sum(p.numel() for p in expert.parameters())
 
-    dataset = CaptionedImages(data, t.resolution, t.random_flip, tokenizer)
+    dataset = CaptionedImages(fill_one_batch(data, t.train_batch_size * world), t.resolution, tokenizer)
     sampler = StepSampler(len(dataset), t.train_batch_size * world, rank, world, cfg.seed)
-    if sampler.steps_per_epoch == 0:
-        raise UserError(
-            f"expert {expert_id}: {len(data)} training captions, fewer than one batch of all processes "
-            f"({world} x training.train_batch_size {t.train_batch_size})"
-        )
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=t.train_batch_size, sampler=sampler, num_workers=cfg.data.dataloader_num_workers,
         collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
@@ -191,10 +215,16 @@ def main(argv: list[str] | None = None) -> None:
         f"({expert_params / dense_params:.1%} of the dense UNet), {described['macs_ratio']:.1%} of its MACs; "
         f"sliced from the weights of {name}"
     )
+    if routed:
+        captions = f"{len(data)} training captions routed to expert {expert_id} (of {routed})"
+    else:
+        captions = f"no training caption was routed to expert {expert_id}, so all {len(data)} (--all_prompts_if_empty)"
+    if len(dataset) > len(data):
+        captions += f", fewer than one batch of all processes: each batch holds them all, repeated to {len(dataset)}"
     logger.info(
-        f"{data.source}: {len(data)} training captions routed to expert {expert_id} (of {routed}); {world} "
-        f"process(es) x {t.train_batch_size} x {t.gradient_accumulation_steps} accumulation = global batch "
-        f"{global_batch}, lr {lr:.3g}" + (f"; resumed from {resume} at step {step}" if resume else "")
+        f"{data.source}: {captions}; {world} process(es) x {t.train_batch_size} x {t.gradient_accumulation_steps} "
+        f"accumulation = global batch {global_batch}, lr {lr:.3g}"
+        + (f"; resumed from {resume} at step {step}" if resume else "")
     )
 
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
@@ -202,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def losses(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            latents = vae.encode(batch["pixel_values"].to(device, weight_dtype)).latent_dist.sample()
+            pixels = batch["pixel_values"].to(device, weight_dtype)
+            latents = vae.encode(random_flip(pixels) if t.random_flip else pixels).latent_dist.sample()
             latents = latents * vae.config.scaling_factor
             text = text_encoder(batch["input_ids"].to(device))[0]
         noise = torch.randn_like(latents)
@@ -235,8 +266,9 @@ def main(argv: list[str] | None = None) -> None:
         logger.info(f"saved {folder}")
 
     result = run_steps(
-        accelerator, expert, optimizer, loader, sampler, step=step, lr=lr, training=t, logging=cfg.logging, out=out,
-        logger=logger, desc=f"expert {expert_id}", loss_fn=micro_step, checkpoint=checkpoint,
+        accelerator, expert, optimizer, loader, sampler, step=step, seed=cfg.seed, lr=lr, training=t,
+        logging=cfg.logging, out=out, logger=logger, desc=f"expert {expert_id}", loss_fn=micro_step,
+        checkpoint=checkpoint,
         after_update=None if ema is None else lambda: update_ema(ema, accelerator.unwrap_model(expert), t.ema_decay),
     )  # fmt: skip
     if result.preempted:

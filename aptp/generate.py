@@ -11,16 +11,26 @@ saved as ``00000.png``, ``00001.png``, ... at the generated resolution:
 
     python -m aptp.generate --pruning_dir results/aptp/pruning --prompts prompts.txt
 
+COCO-30k (routed, the paper's COCO evaluation set): the first caption of each of 30,000 distinct val2014 images drawn
+with seed 42 (``aptp.data.coco30k``; ``--max_samples N``: the first N of that draw), each routed to its expert, resized
+to ``--size`` and named after its image (``COCO_val2014_<id>.png``); ``--save_references`` writes those 30k reference
+images beside them; ``python -m aptp.evaluate <output_dir> --coco30k data/coco`` scores them:
+
+    python -m aptp.generate --pruning_dir results/aptp/pruning/coco --coco30k data/coco --save_references
+
 Defaults follow the paper: PNDM 25 steps, guidance 7.5, seed 43. Caption row r (prompt i) draws its noise from
 seed + r (seed + i), so a re-run or a resumed run gives the same images; images that exist are skipped. Written to
-``--output_dir``: the PNGs and ``prompts.json`` (file name -> caption); in routed mode also ``routing.json`` (image,
-prompt, expert, MACs). ``--save_references`` also writes the reference images of the same rows, short side resized
-to 256 (bicubic) and center-cropped, under the same names into a sibling folder (``<output_dir>_references``), for
-FID on exactly these rows.
+``--output_dir``: the PNGs and ``prompts.json`` (file name -> caption); in the routed modes also ``routing.json``
+(image, prompt, expert, MACs). ``--save_references`` also writes the reference images of the same rows, short side
+resized to 256 (bicubic) and center-cropped, under the same names into a sibling folder (``<output_dir>_references``),
+for FID on exactly these rows. ``--reference_preprocess authors`` resizes as the authors' scripts did instead, for
+FIDs comparable with the paper's: both the generated images and the whole references straight to 256 x 256 with
+cv2.resize's bilinear arithmetic (``aptp.data.resize_like_cv2``; for the references an assumption, see there).
 
 Experts: ``--expert_path`` (per expert; default ``<pruning_dir>/finetuning/expert_<K>/expert``) or ``--experts_dir``
 (routed; default ``<pruning_dir>/finetuning``). An expert without a fine-tuned folder is sliced from the dense UNet
-with a warning, or refused with ``--missing_expert error``.
+with a warning, or refused with ``--missing_expert error``. ``--expert_id K`` for an expert that no caption of the
+split was routed to has nothing to draw: it says so in one line and exits 0.
 
 Under ``accelerate launch`` or ``torchrun`` each process draws the images i with i % world_size == rank.
 """
@@ -46,11 +56,17 @@ from diffcompress.errors import UserError
 from diffcompress.progress import progress_bar
 
 from .assignments import read_expert_rows, read_summary
-from .data import CaptionTable, load_captions
+from .data import COCO30K_SIZE, REFERENCE_PREPROCESS, CaptionTable, coco30k, load_captions, resize_like_cv2
 from .pipeline import MISSING_EXPERT, APTPPipeline, per_prompt_generators
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHOWN_ROWS = 20  # routed mode prints this many rows of its routing table
+FLAG_MODES = {  # the modes each flag applies to
+    "expert_path": ("expert_id",), "dataset_name": ("expert_id",), "data_dir": ("expert_id",),
+    "max_samples": ("expert_id", "coco30k"), "save_references": ("expert_id", "coco30k"),
+    "references_dir": ("expert_id", "coco30k"), "reference_preprocess": ("expert_id", "coco30k"),
+    "experts_dir": ("prompts", "coco30k"),
+}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,6 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--expert_id", type=int, help="per expert: draw the captions of --split routed to this expert")
     mode.add_argument("--prompts", help="routed: a text file with one prompt per line, or a JSON list of prompts")
+    mode.add_argument(
+        "--coco30k", metavar="COCO_DIR",
+        help="routed: the COCO-30k captions of this COCO 2014 folder (annotations/, images/val2014/)",
+    )  # fmt: skip
     p.add_argument("--expert_path", help="per expert: its fine-tuned folder (default: the aptp.finetune layout)")
     p.add_argument("--experts_dir", help="routed: folder of expert_<K>/expert (default: <pruning_dir>/finetuning)")
     p.add_argument(
@@ -66,13 +86,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="an expert without a fine-tuned folder: slice it from the dense UNet (warns), or fail",
     )  # fmt: skip
     p.add_argument("--split", default="validation", help="per expert: caption split (train | validation)")
-    p.add_argument("--max_samples", type=int, help="per expert: only the first N rows of the expert")
+    p.add_argument("--max_samples", type=int, help="per expert: its first N rows; COCO-30k: the first N of the draw")
     p.add_argument("--dataset_name", help="per expert: cc3m | coco (default: the one filtering read)")
     p.add_argument("--data_dir", help="per expert: the dataset folder (default: the one filtering read)")
-    p.add_argument("--save_references", action="store_true", help="per expert: also write the resized references")
-    p.add_argument("--output_dir", help="default: <pruning_dir>/generation/<split>/expert_<K> or .../routed")
+    p.add_argument("--save_references", action="store_true", help="also write the resized reference images")
+    p.add_argument(
+        "--reference_preprocess", choices=REFERENCE_PREPROCESS,
+        help="ours (default): bicubic, references short side + centre crop; authors: cv2 bilinear to size x size",
+    )  # fmt: skip
+    p.add_argument("--output_dir", help="default: <pruning_dir>/generation/<split>/expert_<K>, .../routed, .../coco30k")
     p.add_argument("--references_dir", help="default: <output_dir>_references")
-    p.add_argument("--size", type=int, default=256, help="per expert: saved images are resized to size x size")
+    p.add_argument("--size", type=int, default=256, help="FID sets: saved images are resized to size x size")
     p.add_argument("--pretrained_model_name_or_path", help="Stable Diffusion folder or hub id (default: router.json)")
     p.add_argument("--revision")
     p.add_argument("--prompt_encoder", help="sentence-transformers folder or hub id (default: router.json)")
@@ -85,17 +109,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
     p.add_argument("--device", help="cuda | cpu (default: cuda when available)")
     args = p.parse_args(argv)
-    per_expert = args.expert_id is not None
-    for flag, ok in [
-        ("--expert_path", per_expert), ("--max_samples", per_expert),
-        ("--dataset_name", per_expert), ("--data_dir", per_expert), ("--save_references", per_expert),
-        ("--references_dir", per_expert), ("--experts_dir", not per_expert),
-    ]:  # fmt: skip
-        if not ok and getattr(args, flag[2:]) not in (None, False):
-            raise UserError(f"{flag} applies only with {'--prompts' if flag == '--experts_dir' else '--expert_id'}")
+    mode = "expert_id" if args.expert_id is not None else "coco30k" if args.coco30k else "prompts"
+    for flag, modes in FLAG_MODES.items():
+        if mode not in modes and getattr(args, flag) not in (None, False):
+            raise UserError(f"--{flag} applies only with {' or '.join(f'--{m}' for m in modes)}")
     for flag in ("max_samples", "size", "num_inference_steps", "batch_size", "resolution"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    args.reference_preprocess = args.reference_preprocess or "ours"
     return args
 
 
@@ -161,10 +182,46 @@ def square(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def fid_image(image: Image.Image, size: int, preprocess: str) -> Image.Image:
+    """A generated image as the FID set holds it: ``ours`` PIL bicubic to ``size`` x ``size``; ``authors``
+    cv2.resize's bilinear arithmetic (the authors' generation script)."""
+    if preprocess == "authors":
+        return Image.fromarray(resize_like_cv2(np.asarray(image.convert("RGB")), size, size))
+    return image.resize((size, size), Image.BICUBIC)
+
+
+def reference_image(image: Image.Image, size: int, preprocess: str) -> Image.Image:
+    """A reference image as the FID set holds it: ``ours`` short side to ``size`` and the centre crop (``square``);
+    ``authors`` the whole image to ``size`` x ``size`` with cv2.resize's bilinear arithmetic (assumed to be what
+    their resize_and_save_images.py --size 256 256 does; see ``aptp.data.REFERENCE_PREPROCESS``)."""
+    if preprocess == "authors":
+        return Image.fromarray(resize_like_cv2(np.asarray(image.convert("RGB")), size, size))
+    return square(image, size)
+
+
+def write_references(
+    paths: list[str], names: list[str], indices: range | list[int], refs: Path, args: argparse.Namespace, info: DistInfo
+) -> None:
+    """``refs/names[j]``: the reference image ``paths[j]`` resized, for each j in ``indices`` not yet written."""
+    refs.mkdir(parents=True, exist_ok=True)
+    for j in progress_bar(indices, desc="references", unit="image", disable=not info.is_main):
+        if (refs / names[j]).exists():
+            continue
+        try:
+            with Image.open(paths[j]) as image:
+                save_png(reference_image(image, args.size, args.reference_preprocess), refs / names[j])
+        except OSError as e:  # a corrupt download; FID then compares one image fewer
+            print(f"[rank {info.rank}] skipping unreadable reference {paths[j]}: {e}")
+
+
 def generate_expert(args: argparse.Namespace, info: DistInfo, dtype: torch.dtype) -> None:
     """Per-expert mode: one image per caption row routed to ``--expert_id``."""
     k, pruning_dir = args.expert_id, Path(args.pruning_dir)
     rows = read_expert_rows(pruning_dir, args.split, k)[: args.max_samples]
+    if len(rows) == 0:
+        if info.is_main:
+            print(f"expert {k}: no {args.split} caption was routed to it ({pruning_dir / 'filtered'}); nothing to draw")
+        return
     summary = read_summary(pruning_dir, args.split)
     table = load_captions(*dataset_of(args, summary), args.split)
     if summary["rows"] != len(table):
@@ -194,18 +251,10 @@ def generate_expert(args: argparse.Namespace, info: DistInfo, dtype: torch.dtype
                 args.resolution, args.batch_size, bar,
             )  # fmt: skip
             for j, image in zip(chunk, numpy_to_pil(images)):
-                save_png(image.resize((args.size, args.size), Image.BICUBIC), out / names[j])
+                save_png(fid_image(image, args.size, args.reference_preprocess), out / names[j])
 
     if args.save_references:
-        refs.mkdir(parents=True, exist_ok=True)
-        for j in progress_bar(mine, desc="references", unit="image", disable=not info.is_main):
-            if (refs / names[j]).exists():
-                continue
-            try:
-                with Image.open(table.paths[rows[j]]) as image:
-                    save_png(square(image, args.size), refs / names[j])
-            except OSError as e:  # a corrupt download; FID then compares one image fewer
-                print(f"[rank {info.rank}] skipping unreadable reference {table.paths[rows[j]]}: {e}")
+        write_references([table.paths[r] for r in rows], names, mine, refs, args, info)
     barrier()
     if info.is_main:
         done = sum((out / n).exists() for n in names)
@@ -237,29 +286,39 @@ def read_prompts(path: str) -> list[str]:
 
 
 def generate_routed(args: argparse.Namespace, info: DistInfo, dtype: torch.dtype) -> None:
-    """Routed mode: every prompt drawn by its expert, at the generated resolution."""
-    prompts = read_prompts(args.prompts)
-    out = Path(args.output_dir or Path(args.pruning_dir) / "generation" / "routed")
-    names = [f"{i:05d}.png" for i in range(len(prompts))]
+    """Routed modes: every prompt drawn by its expert; ``--prompts`` at the generated resolution, ``--coco30k``
+    resized to ``--size`` and named after the COCO images (with their references, given ``--save_references``)."""
+    if args.coco30k:
+        table = coco30k(args.coco30k, args.max_samples or COCO30K_SIZE)
+        prompts, paths = list(table.captions), list(table.paths)
+        names = [f"{Path(p).stem}.png" for p in paths]
+        out = Path(args.output_dir or Path(args.pruning_dir) / "generation" / "coco30k")
+    else:
+        prompts, paths = read_prompts(args.prompts), []
+        names = [f"{i:05d}.png" for i in range(len(prompts))]
+        out = Path(args.output_dir or Path(args.pruning_dir) / "generation" / "routed")
     record_prompts(out, dict(zip(names, prompts)), info.is_main)
+    out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args, info, dtype, args.experts_dir)
     experts = pipe.route(prompts)  # every process routes every prompt: cheap, and no communication
     macs = [int(pipe.experts[k]["macs"]) for k in experts]
     if info.is_main:
         routing = [dict(image=n, prompt=p, expert=k, macs=m) for n, p, k, m in zip(names, prompts, experts, macs)]
         write_json_atomic(out / "routing.json", routing)
-        print(f"{'image':<10} {'expert':>6} {'GMACs':>8}  prompt")
+        width = max(10, *(len(n) for n in names))
+        print(f"{'image':<{width}} {'expert':>6} {'GMACs':>8}  prompt")
         for r in routing[:SHOWN_ROWS]:
-            print(f"{r['image']:<10} {r['expert']:>6} {r['macs'] / 1e9:>8.4f}  {r['prompt']}")
+            print(f"{r['image']:<{width}} {r['expert']:>6} {r['macs'] / 1e9:>8.4f}  {r['prompt']}")
         if len(routing) > SHOWN_ROWS:
             print(f"... {len(routing) - SHOWN_ROWS} more in {out / 'routing.json'}")
         counts = Counter(experts)
         print("prompts per expert: " + ", ".join(f"{k}: {counts[k]}" for k in sorted(counts)))
 
-    mine = [i for i in range(info.rank, len(prompts), info.world_size) if not (out / names[i]).exists()]
-    with progress_bar(total=len(mine), desc="routed", unit="image", disable=not info.is_main) as bar:
-        for k in sorted({experts[i] for i in mine}):
-            group = [i for i in mine if experts[i] == k]
+    mine = range(info.rank, len(prompts), info.world_size)
+    todo = [i for i in mine if not (out / names[i]).exists()]
+    with progress_bar(total=len(todo), desc="routed", unit="image", disable=not info.is_main) as bar:
+        for k in sorted({experts[i] for i in todo}):
+            group = [i for i in todo if experts[i] == k]
             bar.set_postfix(expert=k)
             for start in range(0, len(group), args.batch_size):
                 chunk = group[start : start + args.batch_size]
@@ -269,12 +328,20 @@ def generate_routed(args: argparse.Namespace, info: DistInfo, dtype: torch.dtype
                     args.resolution, args.resolution, args.batch_size, bar,
                 )  # fmt: skip
                 for i, image in zip(chunk, numpy_to_pil(images)):
-                    save_png(image, out / names[i])
+                    save_png(fid_image(image, args.size, args.reference_preprocess) if paths else image, out / names[i])
+    refs = Path(args.references_dir or out.with_name(f"{out.name}_references"))
+    if args.save_references:
+        write_references(paths, names, mine, refs, args, info)
     barrier()
     if info.is_main:
-        print(
-            f"{len(prompts)} routed images in {out}; prompts: {out / 'prompts.json'}; routing: {out / 'routing.json'}"
-        )
+        done = sum((out / n).exists() for n in names)
+        print(f"{done} routed images in {out}; prompts: {out / 'prompts.json'}; routing: {out / 'routing.json'}")
+        if args.save_references:
+            print(f"references: {sum((refs / n).exists() for n in names)} images in {refs}")
+        if args.coco30k:
+            ref = f"--ref-dir {refs}" if args.save_references else f"--coco30k {args.coco30k}"
+            preprocess = " --reference_preprocess authors" if args.reference_preprocess == "authors" else ""
+            print(f"score them: python -m aptp.evaluate {out} {ref}{preprocess}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,8 @@
 
 Each optimizer step accumulates ``training.gradient_accumulation_steps`` micro-batches; ``loss_fn(batch, step)``
 returns the values to log, ``"loss"`` being the one back-propagated. The lr rises linearly over
-``training.lr_warmup_steps`` and stays constant; gradients are clipped and a step with a non-finite norm is skipped
+``training.lr_warmup_steps`` and stays constant; gradients are clipped to ``training.max_grad_norm`` if it is set
+(the authors do not clip) and a step with a non-finite norm is skipped
 (at most ``training.max_nan_steps`` of them). Every ``logging.logging_steps`` the running means go to ``log.txt``,
 ``metrics.jsonl``, the progress output and the trackers; every ``logging.checkpointing_steps`` and at the end
 ``checkpoint(step)`` is called, and on SIGTERM/SIGUSR1 too before the loop stops early.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging as pylogging
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +31,7 @@ from accelerate.utils import gather_object
 
 from diffcompress.errors import UserError
 from diffcompress.progress import progress_bar
-from diffcompress.trainer import StepSampler, _Preemption
+from diffcompress.trainer import StepSampler, _Preemption, step_seed
 
 from .config import FinetuneTrainingConfig, LoggingConfig, TrainingConfig
 
@@ -60,6 +62,7 @@ def run_steps(
     sampler: StepSampler,
     *,
     step: int,
+    seed: int,
     lr: float,
     training: TrainingConfig | FinetuneTrainingConfig,
     logging: LoggingConfig,
@@ -73,6 +76,9 @@ def run_steps(
     postfix: dict[str, str] | None = None,
 ) -> LoopResult:
     """Train ``model`` from ``step`` to ``training.max_train_steps``.
+
+    Every micro-batch starts by seeding torch from (``seed``, process, micro-step): its random draws (flips,
+    timesteps, noise, the VAE's sample, the gates' Gumbel noise) are the same whether the run was resumed or not.
 
     ``phase(step)`` names the stage of a step in the log line and metrics; ``after_update()`` runs after each
     optimizer step taken (e.g. an EMA update); ``postfix`` maps the logged values shown on the bar to their format.
@@ -92,8 +98,9 @@ def run_steps(
         while step < t.max_train_steps:
             for group in optimizer.param_groups:  # constant after a linear warm-up
                 group["lr"] = lr * min(1.0, (step + 1) / max(1, t.lr_warmup_steps))
-            for _ in range(accumulation):
+            for micro in range(accumulation):
                 batch = next(data_iter)
+                torch.manual_seed(step_seed(seed, rank, step * accumulation + micro))
                 for i, reason in batch["unreadable"]:
                     if not unreadable:
                         print(
@@ -106,7 +113,8 @@ def run_steps(
                     accelerator.backward(values["loss"])  # divided by the accumulation steps
                 for k, v in values.items():
                     running[k] = running.get(k, 0) + v.detach().float() / accumulation
-            norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            # the norm decides whether the step is finite; an infinite bound measures it without clipping (x 1.0)
+            norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
             finite = bool(torch.isfinite(norm))  # gradients are all-reduced: every process decides alike
             if finite or accelerator.scaler is not None:  # fp16: the scaler skips the step and lowers its scale
                 optimizer.step()

@@ -41,18 +41,16 @@ def min_snr_weights(
     gamma: float = 5.0,
     prediction_type: str = "v_prediction",
 ) -> torch.Tensor:
-    """Per-sample Min-SNR-gamma weights (Hang et al. 2023), in the units of the model's target.
-
-    snr = a / (1 - a) with a = alphas_cumprod[t]. The weight min(snr, gamma) applies to the x0 error; the
-    epsilon error is snr times it and the v error (snr + 1) times it, hence the divisions.
+    """Per-sample Min-SNR-gamma weights (Hang et al. 2023) as the authors' trainer computes them, with
+    snr = a / (1 - a), a = alphas_cumprod[t]: epsilon ``min(snr, gamma) / snr``; v-prediction
+    ``min(snr + 1, gamma) / (snr + 1)`` (1 wherever snr + 1 <= gamma: 83% of SD2.1's timesteps at gamma 5).
     """
     a = alphas_cumprod.to(timesteps.device, torch.float64)[timesteps]
     snr = a / (1 - a)
-    clipped = snr.clamp(max=gamma)
     if prediction_type == "v_prediction":
-        return (clipped / (snr + 1)).float()
+        return ((snr + 1).clamp(max=gamma) / (snr + 1)).float()
     if prediction_type == "epsilon":
-        return (clipped / snr).float()
+        return (snr.clamp(max=gamma) / snr).float()
     raise ValueError(f"min-SNR weighting: unknown prediction_type {prediction_type!r} (epsilon or v_prediction)")
 
 
@@ -87,8 +85,10 @@ def resource_loss(rho: torch.Tensor, target: float) -> torch.Tensor:
 
 
 def std_loss(rho: torch.Tensor) -> torch.Tensor:
-    """``-std(rho)`` (population std, so a batch of one gives 0, not NaN): rewards diverse experts."""
-    return -rho.float().std(correction=0)
+    """``-std(rho)``, the unbiased std as the authors (a batch of one gives 0, not NaN): rewards diverse experts."""
+    if rho.numel() < 2:
+        return rho.float().sum() * 0
+    return -rho.float().std()
 
 
 def max_loss(rho: torch.Tensor) -> torch.Tensor:

@@ -151,16 +151,18 @@ class APTPPipeline:
         prompt_encoder: str | None = None,
         scheduler: str | SchedulerMixin = "PNDMScheduler",
         missing_expert: str = "dense",
+        routing: str = "calibrated",
         device: str | torch.device = "cpu",
         torch_dtype: torch.dtype = torch.float32,
     ) -> APTPPipeline:
-        """Load from a pruning directory; the SD model and the prompt encoder default to those of ``router.json``."""
+        """Load from a pruning directory; the SD model and the prompt encoder default to those of ``router.json``.
+        ``routing``: ``calibrated`` (balanced per-prompt rule, as ``aptp.filter_dataset``) or ``cosine``."""
         if missing_expert not in MISSING_EXPERT:
             raise UserError(f"missing_expert {missing_expert!r}: expected one of {', '.join(MISSING_EXPERT)}")
         info = read_router_info(pruning_dir)
         sd_name = pretrained_model_name_or_path or info["pretrained_model_name_or_path"]
         sd = load_stable_diffusion(sd_name, revision, torch_dtype, ("vae", "text_encoder", "tokenizer", "scheduler"))
-        router = load_router(pruning_dir, ArchLayout.from_config(load_unet_config(sd_name, revision)))
+        router = load_router(pruning_dir, ArchLayout.from_config(load_unet_config(sd_name, revision)), routing=routing)
         table = read_experts(pruning_dir)["experts"]
         load_dense = None
         if missing_expert == "dense":
@@ -191,10 +193,11 @@ class APTPPipeline:
             self._prompt_encoder = PromptEncoder(self._prompt_encoder, self.device)
         return self._prompt_encoder
 
-    def route(self, prompts: Sequence[str]) -> list[int]:
-        """The expert of each prompt (cosine argmax over the codes, no noise)."""
+    def route(self, prompts: Sequence[str], rule: str | None = None) -> list[int]:
+        """The expert of each prompt, per prompt and deterministic: by the router's rule (``calibrated``, as
+        ``aptp.filter_dataset``, unless loaded with ``routing="cosine"``) or ``rule``."""
         embeddings = self.prompt_encoder.embed(list(prompts))
-        return self.router.route(embeddings.to(self.device)).tolist()
+        return self.router.route(embeddings.to(self.device), rule).tolist()
 
     def _check_expert(self, expert: int) -> None:
         if not (isinstance(expert, (int, np.integer)) and 0 <= expert < len(self.experts)):

@@ -27,6 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
@@ -39,14 +40,14 @@ from diffcompress.errors import UserError
 from diffcompress.trainer import StepSampler
 
 from .config import PruneConfig, load_config, to_dict
-from .data import CaptionedImages, collate, embedding_cache_path, load_captions, prompt_embeddings
+from .data import CaptionedImages, collate, embedding_cache_path, load_captions, prompt_embeddings, random_flip
 from .expert import materialize
 from .gated_unet import GatedUNet
 from .layout import meta_unet
 from .loop import run_steps
 from .losses import block_loss, contrastive_loss, ddpm_loss, distill_loss, max_loss, resource_loss, std_loss
 from .macs import MacTable, mac_table
-from .router import Router, _hub_reachable
+from .router import Router, _hub_reachable, gather_keeping_grad
 
 STATE = "state.json"
 
@@ -167,13 +168,12 @@ def save_state(
     accelerator.wait_for_everyone()
 
 
-def describe_experts(router: Router, table: MacTable, unet_config: dict[str, Any]) -> dict[str, Any]:
+def describe_experts(codes: torch.Tensor, table: MacTable, unet_config: dict[str, Any]) -> dict[str, Any]:
     """Each expert's binary code, MACs and parameter count (its UNet sliced on the meta device)."""
     dense = meta_unet(unet_config)
     dense_params = sum(p.numel() for p in dense.parameters())
     experts = []
-    for k in range(router.num_experts):
-        code = router.expert_mask(k).cpu()
+    for k, code in enumerate(codes.cpu()):
         macs = int(table.macs(code).item())
         params = sum(p.numel() for p in materialize(dense, code, table.layout).parameters())
         experts.append(dict(
@@ -183,19 +183,40 @@ def describe_experts(router: Router, table: MacTable, unet_config: dict[str, Any
     return dict(dense=dict(macs=table.total, params=dense_params), experts=experts)
 
 
-def write_results(out: Path, router: Router, table: MacTable, unet_config: dict[str, Any], info: dict) -> None:
-    """router.pt, router.json and experts.json; print the experts' sizes and where everything is."""
+def write_results(
+    out: Path, router: Router, table: MacTable, unet_config: dict[str, Any], info: dict,
+    embeddings: torch.Tensor | np.ndarray,
+    seed: int = 0,
+) -> None:  # fmt: skip
+    """The experts' codes (``router.expert_threshold``; a sampled code from ``seed``) and the routing calibration
+    over the training prompts' ``embeddings``; router.pt, router.json and experts.json; print the experts' sizes
+    and where everything is."""
+    if not isinstance(embeddings, torch.Tensor):  # the memory-mapped cache
+        embeddings = torch.from_numpy(np.array(embeddings, dtype=np.float32))
+    embeddings = embeddings.to(router.codebook.device)
+    router.fixed_codes = None  # the codes of the codebook as it is now
+    router.fixed_codes = router.expert_codes(torch.Generator(router.codebook.device).manual_seed(seed))
+    log_v = router.calibrate(embeddings)
+    routed = torch.bincount(router.route(embeddings, "calibrated").cpu(), minlength=router.num_experts)
+    plain = torch.bincount(router.route(embeddings, "cosine").cpu(), minlength=router.num_experts)
     save_checkpoint(router.state_dict(), out / "router.pt")
-    write_json_atomic(out / "router.json", dict(info, depth_order=list(router.order)))
-    experts = describe_experts(router, table, unet_config)
+    info = dict(
+        info, depth_order=list(router.order), assignment=router.assignment, expert_threshold=router.expert_threshold,
+        routing=dict(rule="calibrated", temperature=router.sinkhorn_temperature, log_v=log_v.tolist(),
+                     prompts=len(embeddings), train_counts=routed.tolist(), cosine_counts=plain.tolist()),
+    )  # fmt: skip
+    write_json_atomic(out / "router.json", info)
+    experts = describe_experts(router.fixed_codes, table, unet_config)
     write_json_atomic(out / "experts.json", dict(budget=info["budget"], target=info["target"], **experts))
     rows = [(f"{e['expert']}", e) for e in experts["experts"]]
     rows.append(("dense", dict(experts["dense"], macs_ratio=1.0, params_ratio=1.0)))
-    print(f"{'expert':>6} {'GMACs':>9} {'of dense':>8} {'params (M)':>10} {'of dense':>8}")
-    for name, e in rows:
+    print(f"{'expert':>6} {'GMACs':>9} {'of dense':>8} {'params (M)':>10} {'of dense':>8} {'train prompts':>13}")
+    for (name, e), n in zip(rows, [*routed.tolist(), len(embeddings)]):
         macs, params = e["macs"] / 1e9, e["params"] / 1e6
-        print(f"{name:>6} {macs:>9.4f} {e['macs_ratio']:>8.1%} {params:>10.3f} {e['params_ratio']:>8.1%}")
+        print(f"{name:>6} {macs:>9.4f} {e['macs_ratio']:>8.1%} {params:>10.3f} {e['params_ratio']:>8.1%} {n:>13}")
     print(
+        f"routing: calibrated over {len(embeddings)} training prompts, per expert {routed.tolist()} "
+        f"(plain cosine: {plain.tolist()})\n"
         f"router:       {out / 'router.pt'} (rebuilt from {out / 'router.json'})\n"
         f"expert codes: {out / 'experts.json'} (binary codes, MACs, parameters)\n"
         f"checkpoints:  {out / 'checkpoints'}\n"
@@ -252,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     how = "read from" if cache.is_file() else f"computed over {world} process(es) into"
     embeddings = prompt_embeddings(data.captions, cfg.model.prompt_encoder, cache_dir, device)
     logger.info(f"prompt embeddings of {len(data)} captions {how} {cache}")
-    dataset = CaptionedImages(data, t.resolution, t.random_flip, tokenizer, embeddings)
+    dataset = CaptionedImages(data, t.resolution, tokenizer, embeddings)
     sampler = StepSampler(len(dataset), t.train_batch_size * world, rank, world, cfg.seed)
     if sampler.steps_per_epoch == 0:
         raise UserError(f"{data.source}: {len(data)} captions with images, fewer than one batch of all processes")
@@ -261,9 +282,11 @@ def main(argv: list[str] | None = None) -> None:
         collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
     )  # fmt: skip
 
+    m = cfg.model
     router = Router(
-        gated.layout, embeddings.shape[1], cfg.model.num_experts, optimal_transport=cfg.model.optimal_transport
-    )
+        gated.layout, embeddings.shape[1], m.num_experts, optimal_transport=m.optimal_transport,
+        assignment=m.assignment, expert_threshold=m.expert_threshold,
+    )  # fmt: skip
     global_batch = t.train_batch_size * world * t.gradient_accumulation_steps
     lr = t.learning_rate * math.sqrt(global_batch) if t.scale_lr else t.learning_rate
     optimizer = torch.optim.AdamW(
@@ -297,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     def losses(batch: dict[str, Any], pretrain: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         emb = batch["prompt_embeds"].to(device)
         with torch.no_grad():
-            latents = vae.encode(batch["pixel_values"].to(device, weight_dtype)).latent_dist.sample()
+            pixels = batch["pixel_values"].to(device, weight_dtype)
+            latents = vae.encode(random_flip(pixels) if t.random_flip else pixels).latent_dist.sample()
             latents = latents * vae.config.scaling_factor
             text = text_encoder(batch["input_ids"].to(device))[0]
         noise = torch.randn_like(latents)
@@ -318,7 +342,9 @@ def main(argv: list[str] | None = None) -> None:
                 distill=distill_loss(student, teacher),
                 block=block_loss([blocks[k] for k in teacher_blocks], list(teacher_blocks.values())),
                 resource=resource_loss(rho, target),
-                contrastive=contrastive_loss(routing.arch, emb, t.contrastive_temperature),
+                contrastive=contrastive_loss(  # over every process's prompts, as the authors
+                    gather_keeping_grad(routing.arch), gather_keeping_grad(emb), t.contrastive_temperature
+                ),
                 std=std_loss(rho),
                 max=max_loss(rho),
             )  # fmt: skip
@@ -339,8 +365,8 @@ def main(argv: list[str] | None = None) -> None:
         logger.info(f"saved {folder}")
 
     result = run_steps(
-        accelerator, router, optimizer, loader, sampler, step=step, lr=lr, training=t, logging=cfg.logging, out=out,
-        logger=logger, desc="prune", loss_fn=micro_step, checkpoint=checkpoint,
+        accelerator, router, optimizer, loader, sampler, step=step, seed=cfg.seed, lr=lr, training=t,
+        logging=cfg.logging, out=out, logger=logger, desc="prune", loss_fn=micro_step, checkpoint=checkpoint,
         phase=lambda step: "pretrain" if step < t.pretrain_steps else "routed", postfix={"loss": ".4g", "rho": ".3f"},
     )  # fmt: skip
     if result.preempted:
@@ -352,7 +378,9 @@ def main(argv: list[str] | None = None) -> None:
             resolution=t.resolution, budget=budget, target=target, steps=result.step,
             optimal_transport=cfg.model.optimal_transport,
         )  # fmt: skip
-        write_results(out, accelerator.unwrap_model(router).eval(), table, dict(unet.config), info)
+        write_results(
+            out, accelerator.unwrap_model(router).eval(), table, dict(unet.config), info, embeddings, cfg.seed
+        )
         print(
             f"done: {result.step} steps; non-finite steps skipped: {result.nan_steps}; unreadable images met: "
             f"{result.unreadable}"

@@ -3,9 +3,11 @@
 A frozen sentence encoder embeds each prompt; a linear predictor maps the embedding to logits over the
 architecture vector (see ``aptp.layout``); a Gumbel-sigmoid turns logits into gate values, the depth
 part through an ordered prior so that inner blocks are dropped before outer ones. While training, a
-batch is assigned to the codebook by optimal transport (Sinkhorn, balanced over all processes); at
-inference a prompt goes to the code of highest cosine similarity, with no noise, so its expert never
-depends on the batch it came in.
+batch is assigned to the codebook by optimal transport (Sinkhorn over all processes, then each prompt's argmax
+of the plan, as the authors). At inference a prompt goes to ``argmax_k cos_k / temperature + log v_k``, where the
+per-expert scalings v_k are the Sinkhorn column scalings computed once over the training captions at the end of
+pruning (``calibrate``): the argmax of the training-time plan made per prompt, so its expert never depends on the
+batch it came in, and every expert gets prompts. Plain cosine routing stays available (``rule="cosine"``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ TEMPERATURE = 0.4  # Gumbel-sigmoid temperature
 OFFSET = 3.0  # logit offset: gates start open (sigmoid(3 / 0.4) ~ 0.9994)
 SINKHORN_TEMPERATURE = 0.05
 SINKHORN_ITERS = 3
+CALIBRATION_ITERS = 1000  # Sinkhorn rounds over the whole training caption set (stops early once balanced)
+ASSIGNMENTS = ("argmax", "capacity")  # training: the plan's argmax (authors) | exactly balanced capacities (ours)
+ROUTING_RULES = ("calibrated", "cosine")
+# The deterministic stand-in for the Gumbel noise when an expert's code is thresholded: the noise's median
+# (each gate takes its more probable training-time state), its mean, none; or "sample": one noisy draw (the
+# authors' embedding_gs).
+EXPERT_THRESHOLDS = {"median": -math.log(math.log(2.0)), "mean": 0.5772156649015329, "none": 0.0, "sample": None}
 TIE_TOLERANCE = 1e-9  # equal codes differ only by float64 rounding (~1e-15); distinct binary codes lie far apart
 
 
@@ -159,10 +168,13 @@ def depth_order(layout: ArchLayout) -> tuple[int, ...]:
     return tuple(sorted(range(len(parsed)), key=key))
 
 
-def logistic_noise(shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Difference of two Gumbel samples (= logistic noise): the noise of a Gumbel-sigmoid."""
-    u = torch.rand(tuple(shape), device=device).clamp(1e-6, 1 - 1e-6)
-    return torch.log(u) - torch.log1p(-u)
+def gumbel_noise(
+    shape: Sequence[int], device: torch.device | str = "cpu", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One Gumbel draw per entry, ``-log(-log(u + 1e-20) + 1e-20)`` with u ~ U[0, 1): the authors' Gumbel-sigmoid
+    noise (mean +0.577, median +0.367; not the logistic difference of two draws)."""
+    u = torch.rand(tuple(shape), device=device, generator=generator)
+    return -torch.log(-torch.log(u + 1e-20) + 1e-20)
 
 
 def gumbel_gates(
@@ -200,8 +212,9 @@ def _width_factors(layout: ArchLayout) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def normalize_arch(mask: torch.Tensor, layout: ArchLayout) -> torch.Tensor:
-    """The vector architectures are compared by: binarised (straight-through), each width entry times its
-    block's depth value and sqrt(1 / sub-gate size), depth entries as they are, L2-normalised.
+    """The vector architectures are compared by, as the authors compute it: gates binarised (straight-through),
+    except the width entries of a depth-gated block, which are its soft width gate times its soft depth gate; every
+    width entry times sqrt(1 / sub-gate size); depth entries binarised; L2-normalised.
 
     With the sqrt scaling a fully open sub-gate contributes 1 to the squared norm, as does a kept block, so
     every sub-gate and depth gate weighs the same whatever its size.
@@ -211,8 +224,10 @@ def normalize_arch(mask: torch.Tensor, layout: ArchLayout) -> torch.Tensor:
     hard = binarize(mask, layout)
     scale, depth_idx = _width_factors(layout)
     W = layout.width_size
-    depth = torch.cat([hard[..., W:], torch.ones_like(hard[..., :1])], dim=-1)
-    width = hard[..., :W] * depth[..., depth_idx.to(mask.device)] * scale.to(mask)
+    depth_idx = depth_idx.to(mask.device)
+    soft_depth = torch.cat([mask[..., W:], torch.ones_like(mask[..., :1])], dim=-1)[..., depth_idx]
+    in_depth_gated = depth_idx < layout.depth_size
+    width = torch.where(in_depth_gated, mask[..., :W] * soft_depth, hard[..., :W]) * scale.to(mask)
     return F.normalize(torch.cat([width, hard[..., W:]], dim=-1), dim=-1)
 
 
@@ -292,6 +307,62 @@ def balanced_assignment(plan: torch.Tensor) -> torch.Tensor:
     return torch.tensor(assign[start : start + plan.shape[0]], device=plan.device)
 
 
+def gather_keeping_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of ``x`` (equal counts, as training batches are) in rank order; this process's own rows
+    keep their gradient, the others are copies. The authors' contrastive loss runs over the gathered batch."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def _sinkhorn_log_scalings(s: torch.Tensor, log_u: torch.Tensor, iters: int, tol: float) -> torch.Tensor:
+    """Code log-scalings [K] of the Sinkhorn plan of scores ``s`` [N, K] (prompts get mass 1/N, codes 1/K), from
+    ``log_u``; stops once the codes' shares are within ``tol`` of 1/K."""
+    n, k = s.shape
+    for _ in range(iters):
+        log_w = -math.log(n) - torch.logsumexp(s + log_u[None, :], dim=1)
+        shares = torch.logsumexp(s + log_u[None, :] + log_w[:, None], dim=0).exp() * k
+        if (shares - 1).abs().max() < tol:
+            break
+        log_u = log_u - shares.log()
+    return log_u
+
+
+@torch.no_grad()
+def calibrate(
+    cos: torch.Tensor, temperature: float = SINKHORN_TEMPERATURE, iters: int = CALIBRATION_ITERS, tol: float = 1e-6,
+    balance: float = 0.2, halvings: int = 12,
+) -> torch.Tensor:  # fmt: skip
+    """Per-expert log-scalings log v [K] that balance N prompts over K codes, for cosines [N, K] (float64 inside).
+
+    Sinkhorn on exp(cos / temperature) (codes get mass 1/K, prompts 1/N): the plan is u_k exp(cos_nk / T) w_n, so
+    a prompt's argmax expert under it is ``argmax_k cos_nk / T + log u_k`` whatever the other prompts. The soft plan
+    is balanced, its argmax not always: when codes are nearly alike the per-prompt maxima crowd on few codes. So the
+    transport is sharpened (T halved, warm-started, up to ``halvings`` times) until every code takes the argmax of
+    (1 +- ``balance``) / K of the prompts; the scalings are returned in units of the training ``temperature``
+    (log v = T' log u' / T), mean zero, the best balance met if none is within bounds (identical codes split
+    nothing).
+    """
+    cos = cos.double()
+    n, k = cos.shape
+    t, log_u = temperature, cos.new_zeros(k)
+    best, best_err = log_u, math.inf
+    for _ in range(halvings + 1):
+        log_u = _sinkhorn_log_scalings(cos / t, log_u, iters, tol)
+        offsets = t * log_u  # in cosine units
+        shares = torch.bincount((cos + offsets).argmax(dim=1), minlength=k).double() * k / max(n, 1)
+        err = float((shares - 1).abs().max())
+        if err < best_err:
+            best, best_err = offsets / temperature, err
+        if err <= balance:
+            break
+        t, log_u = t / 2, log_u * 2  # the same offsets at half the temperature
+    return best - best.mean()
+
+
 # ----------------------------------------------------------------------------------------------------
 # The router
 
@@ -314,7 +385,13 @@ def _block_orthogonal_(weight: torch.Tensor, layout: ArchLayout) -> None:
 
 class Router(nn.Module):
     """Architecture predictor and codebook. Parameters: ``predictor`` (Linear d -> layout.size) and
-    ``codebook`` [K, layout.size]; ``state_dict``/``load_state_dict`` save and restore both."""
+    ``codebook`` [K, layout.size]; ``state_dict``/``load_state_dict`` save and restore both.
+
+    ``assignment``: how a training batch goes to the codes (``argmax`` of the Sinkhorn plan, the authors'; or
+    ``capacity``, exactly B/K prompts per code). ``expert_threshold``: the noise an expert's code is thresholded
+    with (``EXPERT_THRESHOLDS``). After pruning, ``log_v`` (``calibrate``) and ``routing`` decide inference routes;
+    ``fixed_codes`` [K, layout.size], when set, are the experts' codes instead of the codebook's threshold.
+    """
 
     def __init__(
         self,
@@ -323,6 +400,8 @@ class Router(nn.Module):
         num_experts: int = 8,
         *,
         optimal_transport: bool = True,
+        assignment: str = "argmax",
+        expert_threshold: str = "median",
         order: Sequence[int] | None = None,
         temperature: float = TEMPERATURE,
         offset: float = OFFSET,
@@ -330,24 +409,42 @@ class Router(nn.Module):
         sinkhorn_iters: int = SINKHORN_ITERS,
     ):
         super().__init__()
+        if assignment not in ASSIGNMENTS:
+            raise ValueError(f"assignment {assignment!r}: expected one of {', '.join(ASSIGNMENTS)}")
+        if expert_threshold not in EXPERT_THRESHOLDS:
+            raise ValueError(f"expert_threshold {expert_threshold!r}: expected one of {', '.join(EXPERT_THRESHOLDS)}")
         self.layout = layout
         self.order = tuple(order) if order is not None else depth_order(layout)
         if sorted(self.order) != list(range(layout.depth_size)):
             raise ValueError(f"depth order {self.order} is not a permutation of the {layout.depth_size} depth gates")
         self.optimal_transport = optimal_transport  # False: the "APTP without optimal transport" baseline
+        self.assignment, self.expert_threshold = assignment, expert_threshold
         self.temperature, self.offset = temperature, offset
         self.sinkhorn_temperature, self.sinkhorn_iters = sinkhorn_temperature, sinkhorn_iters
         self.predictor = nn.Linear(prompt_dim, layout.size)
         _block_orthogonal_(self.predictor.weight, layout)
         nn.init.zeros_(self.predictor.bias)
         self.codebook = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, layout.size)))
+        self.routing = "calibrated"
+        self.register_buffer("log_v", None, persistent=False)  # [K] from calibrate(); router.json keeps it
+        self.register_buffer("fixed_codes", None, persistent=False)  # [K, layout.size] 0/1
 
     @property
     def num_experts(self) -> int:
         return self.codebook.shape[0]
 
-    def gates(self, logits: torch.Tensor, noisy: bool) -> torch.Tensor:
-        noise = logistic_noise(logits.shape, logits.device) if noisy else None
+    @property
+    def threshold_noise(self) -> float:
+        """The constant standing in for the Gumbel noise in deterministic gates (a sampled code: the median)."""
+        value = EXPERT_THRESHOLDS[self.expert_threshold]
+        return EXPERT_THRESHOLDS["median"] if value is None else value
+
+    def gates(self, logits: torch.Tensor, noisy: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Gate values: with a Gumbel draw per entry (``noisy``), else with the constant ``threshold_noise``."""
+        if noisy:
+            noise = gumbel_noise(logits.shape, logits.device, generator)
+        else:
+            noise = torch.full_like(logits, self.threshold_noise)
         return gumbel_gates(logits, self.layout.width_size, self.order, noise, self.temperature, self.offset)
 
     def normalize(self, mask: torch.Tensor) -> torch.Tensor:
@@ -372,28 +469,67 @@ class Router(nn.Module):
         codes = self.gates(self.codebook, self.training)
         with torch.no_grad(), torch.autocast(arch.device.type, enabled=False):  # cosines need float32
             scores = arch.float() @ self.normalize(codes.float()).t() / self.sinkhorn_temperature
-            if self.optimal_transport:
+            if not self.optimal_transport:
+                expert = scores.argmax(dim=1)
+            elif self.assignment == "capacity":
                 expert = balanced_assignment(sinkhorn(scores, self.sinkhorn_iters))
             else:
-                expert = scores.argmax(dim=1)
+                expert = sinkhorn(scores, self.sinkhorn_iters).argmax(dim=1)
         return Routing(mask=codes[expert], arch=arch, expert=expert)
 
     @torch.no_grad()
-    def route(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Expert id per prompt [B] at inference: cosine argmax over the codes, no noise.
+    def expert_codes(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Hard 0/1 codes [K, layout.size] of the experts: ``fixed_codes`` if set, else the codebook thresholded
+        under ``expert_threshold`` (``sample``: one Gumbel draw from ``generator``); each sub-gate keeps at least one
+        entry."""
+        from .layout import binarize
 
-        Cosines are taken in float64 and near-ties (identical codes) go to the lowest index, so a prompt's expert
-        does not depend on the batch size or its position in the batch (BLAS may sum in another order).
-        """
-        with torch.autocast(embeddings.device.type, enabled=False):  # the same experts under any precision
-            arch = self.normalize(self.gates(self.predict(embeddings.float()), noisy=False).double())
-            codes = self.normalize(self.gates(self.codebook.float(), noisy=False).double())
-            cos = arch @ codes.t()
-        return (cos >= cos.max(dim=1, keepdim=True).values - TIE_TOLERANCE).int().argmax(dim=1)
+        if self.fixed_codes is not None:
+            return self.fixed_codes.clone()
+        logits = self.codebook.float()
+        return binarize(self.gates(logits, noisy=self.expert_threshold == "sample", generator=generator), self.layout)
 
     @torch.no_grad()
     def expert_mask(self, k: int) -> torch.Tensor:
-        """Hard 0/1 mask [layout.size] of expert ``k`` (no noise; each sub-gate keeps at least one entry)."""
-        from .layout import binarize
+        """Hard 0/1 mask [layout.size] of expert ``k`` (see ``expert_codes``; a sampled code needs fixed_codes)."""
+        if self.fixed_codes is None and self.expert_threshold == "sample":
+            raise ValueError("a sampled expert code is drawn once (expert_codes) and kept in fixed_codes")
+        return self.expert_codes()[k]
 
-        return binarize(self.gates(self.codebook[k], noisy=False), self.layout)
+    @torch.no_grad()
+    def cosines(self, embeddings: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+        """Cosine [N, K] (float64) between each prompt's deterministic architecture and each expert's code."""
+        with torch.autocast(embeddings.device.type, enabled=False):  # the same experts under any precision
+            codes = self.fixed_codes if self.fixed_codes is not None else self.gates(self.codebook.float(), False)
+            codes = self.normalize(codes.double())
+            out = []
+            for i in range(0, len(embeddings), batch_size):
+                e = embeddings[i : i + batch_size].float()
+                out.append(self.normalize(self.gates(self.predict(e), noisy=False).double()) @ codes.t())
+        return torch.cat(out) if out else embeddings.new_zeros((0, self.num_experts), dtype=torch.float64)
+
+    def calibrate(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Set and return ``log_v`` from the prompt embeddings the router was trained on (``calibrate``)."""
+        self.log_v = calibrate(self.cosines(embeddings), self.sinkhorn_temperature).to(self.codebook.device)
+        return self.log_v
+
+    @torch.no_grad()
+    def route(self, embeddings: torch.Tensor, rule: str | None = None) -> torch.Tensor:
+        """Expert id per prompt [B] at inference, by ``rule`` (default ``self.routing``): ``calibrated``,
+        ``argmax_k cos_k / temperature + log v_k``; ``cosine``, the plain cosine argmax.
+
+        Scores are taken in float64 and near-ties (identical codes) go to the lowest index, so a prompt's expert
+        does not depend on the batch size or its position in the batch (BLAS may sum in another order).
+        """
+        rule = rule or self.routing
+        if rule not in ROUTING_RULES:
+            raise UserError(f"routing {rule!r}: expected one of {', '.join(ROUTING_RULES)}")
+        score = self.cosines(embeddings)
+        if rule == "calibrated" and self.num_experts > 1:  # one expert: nothing to balance
+            if self.log_v is None:
+                raise UserError(
+                    "this router has no routing calibration (log v_k): run `python -m aptp.calibrate_routing "
+                    "--pruning_dir <dir>` once, or route by plain cosine (routing: cosine)"
+                )
+            score = score / self.sinkhorn_temperature + self.log_v.to(score)
+        return (score >= score.max(dim=1, keepdim=True).values - TIE_TOLERANCE).int().argmax(dim=1)

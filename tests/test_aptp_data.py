@@ -21,6 +21,7 @@ from aptp.data import (
     load_cc3m,
     load_coco,
     prompt_embeddings,
+    random_flip,
     tokenize,
 )
 from aptp.make_tiny import build_sentence_encoder, cc3m_image_name, tiny_clip_tokenizer, write_cc3m
@@ -86,7 +87,7 @@ def test_cc3m_rows_match_images_by_row_prefix(cc3m):
 
 def test_unreadable_image_is_skipped_and_named(cc3m):
     table = load_cc3m(cc3m, "train")
-    ds = CaptionedImages(table, 16, train=False, tokenizer=tiny_clip_tokenizer(), embeddings=np.eye(11, 4))
+    ds = CaptionedImages(table, 16, tokenizer=tiny_clip_tokenizer(), embeddings=np.eye(11, 4))
     item = ds[1]  # row 1's file is an HTML error page
     assert item["index"] == 2 and len(item["unreadable"]) == 1
     index, reason = item["unreadable"][0]
@@ -117,7 +118,7 @@ def test_coco_one_row_per_caption(coco):
     assert table.paths[0] == str(coco / "images/val2014" / f"COCO_val2014_{kept[0]['image_id']:012d}.jpg")
     assert len(load_coco(coco, "train")) == 3 and load_coco(coco, "validation").ids.tolist() == table.ids.tolist()
 
-    ds = CaptionedImages(table, 12, train=True)
+    ds = CaptionedImages(table, 12)
     corrupt = [i for i in range(len(table)) if "000000000003" in table.paths[i]]
     item = ds[corrupt[0]]
     assert item["unreadable"][0][0] == corrupt[0] and item["index"] != corrupt[0]
@@ -165,13 +166,15 @@ def test_transform_resize_crop_flip_range():
     arr[:, :24, 0] = 255
     arr[:, 24:, 2] = 255
     img = Image.fromarray(arr)
-    x = ImageTransform(16, train=False)(img)
+    x = ImageTransform(16)(img)
     assert x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1
     torch.testing.assert_close(x[:, :, :6], torch.tensor([1.0, -1.0, -1.0])[:, None, None].expand(3, 16, 6))
     torch.testing.assert_close(x[:, :, 10:], torch.tensor([-1.0, -1.0, 1.0])[:, None, None].expand(3, 16, 6))
-    torch.manual_seed(0)
-    flips = [bool(ImageTransform(16, train=True)(img)[0, 0, 0] < 0) for _ in range(20)]
+    batch = x[None].repeat(20, 1, 1, 1)
+    drawn = random_flip(batch, torch.Generator().manual_seed(0))
+    flips = [bool(d[0, 0, 0] < 0) for d in drawn]
     assert 0 < sum(flips) < 20  # the random flip happens, about half the time
+    assert torch.equal(drawn, random_flip(batch, torch.Generator().manual_seed(0)))  # seeded
 
 
 def test_transform_equals_torchvision():
@@ -184,10 +187,9 @@ def test_transform_equals_torchvision():
             bilinear = transforms.InterpolationMode.BILINEAR
             ref = transforms.Compose([transforms.Resize(r, interpolation=bilinear), transforms.CenterCrop(r),
                                       transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])  # fmt: skip
-            torch.testing.assert_close(ImageTransform(r, train=False)(img), ref(img), atol=1e-6, rtol=0)
+            torch.testing.assert_close(ImageTransform(r)(img), ref(img), atol=1e-6, rtol=0)
             flipped = transforms.RandomHorizontalFlip(p=1.0)(ref(img))  # after the crop, as diffusers' scripts do
-            torch.manual_seed(0)
-            draws = [ImageTransform(r, train=True)(img) for _ in range(8)]
+            draws = random_flip(ImageTransform(r)(img)[None].repeat(8, 1, 1, 1), torch.Generator().manual_seed(0))
             assert all(torch.allclose(d, ref(img), atol=1e-6) or torch.allclose(d, flipped, atol=1e-6) for d in draws)
 
 

@@ -65,7 +65,9 @@ def world(tmp_path_factory):
         router.predictor.bias.copy_(-router.predictor.weight @ mean)
         router.codebook.copy_(router.predict(prompt_encoder.embed(ANCHORS)))
     info = {k: v for k, v in read_router_info(prune_dir).items() if k != "depth_order"}
-    prune.write_results(prune_dir, router, mac_table(dense.config, 32 // 2, 77, layout), dict(dense.config), info)
+    train = list(load_captions("cc3m", root / "cc3m", "train").captions) + list(val.captions)
+    table = mac_table(dense.config, 32 // 2, 77, layout)
+    prune.write_results(prune_dir, router, table, dict(dense.config), info, prompt_encoder.embed(train))
     experts = json.loads((prune_dir / "experts.json").read_text())["experts"]
     assert len({tuple(e["code"]) for e in experts}) == 4  # four distinct architectures
 
@@ -264,3 +266,56 @@ def test_bad_input_is_one_line(world, pipe, tmp_path):
         with pytest.raises(UserError, match=message) as e:
             call()
         assert "\n" not in str(e.value)
+
+
+def test_generate_coco30k_routed_and_scored(world, pipe, tmp_path, capsys, monkeypatch):
+    """`--coco30k`: the drawn captions routed to their experts, images named after the COCO images, resized as the
+    authors did, their references beside them; aptp.evaluate reads both folders (and the COCO folder itself)."""
+    from aptp import evaluate
+    from aptp.data import coco30k, resize_like_cv2
+    from aptp.metrics import list_images, load_npz, load_prompts
+    from tests.test_aptp_coco30k import pooled, write_coco
+
+    coco = tmp_path / "coco"
+    write_coco(coco, [*ANCHORS, *list(world["val"].captions)[:6]], per_image=(2, 1, 3))
+    drawn = coco30k(coco, 8)
+    names = [f"{p.rsplit('/', 1)[1][:-4]}.png" for p in drawn.paths]  # COCO_val2014_<id>.png
+    out, refs = tmp_path / "coco30k", tmp_path / "coco30k_references"
+    args = ["--pruning_dir", str(world["prune_dir"]), "--coco30k", str(coco), "--max_samples", "8", "--output_dir",
+            str(out), "--num_inference_steps", str(STEPS), "--batch_size", "3", "--size", "24", "--save_references",
+            "--reference_preprocess", "authors"]  # fmt: skip
+    generate.main(args)
+    printed = capsys.readouterr().out
+    assert f"8 routed images in {out}" in printed and f"references: 8 images in {refs}" in printed
+    assert f"score them: python -m aptp.evaluate {out} --ref-dir {refs} --reference_preprocess authors" in printed
+
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(names)
+    assert json.loads((out / "prompts.json").read_text()) == dict(zip(names, drawn.captions))
+    routing = json.loads((out / "routing.json").read_text())
+    experts = pipe.route(list(drawn.captions))
+    assert [r["image"] for r in routing] == names and [r["expert"] for r in routing] == experts
+    assert len(set(experts)) > 1
+    for i, (name, caption, path) in enumerate(zip(names, drawn.captions, drawn.paths)):
+        # image i: its expert, seed 43 + i (its place in the draw), 32 px -> 24 px with cv2's bilinear arithmetic
+        image = pipe.generate(experts[i], [caption], [torch.Generator().manual_seed(43 + i)], STEPS)[0]
+        expected = resize_like_cv2((image * 255).round().astype(np.uint8), 24, 24)
+        assert np.abs(pixels(out / name) - expected).max() <= 1
+        reference = resize_like_cv2(np.asarray(Image.open(path).convert("RGB")), 24, 24)  # whole image, no crop
+        np.testing.assert_array_equal(pixels(refs / name), reference)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    generate.main(args)  # a re-run draws nothing
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == before
+    capsys.readouterr()
+
+    monkeypatch.setattr("aptp.evaluate.inception_extractor", lambda weights, device: (pooled, "test: 2x2 pools"))
+    prompts = dict(zip(names, drawn.captions))  # what CLIP score pairs the images with
+    assert load_prompts(out / "prompts.json", list_images(out)) == [prompts[p.name] for p in list_images(out)]
+    common = ["--metrics", "fid", "--resolution", "24", "--reference_preprocess", "authors", "--num-workers", "0"]
+    from_refs = evaluate.main([str(out), "--ref-dir", str(refs), *common, "--out", str(tmp_path / "a.json")])
+    from_coco = evaluate.main([str(out), "--coco30k", str(coco), "--max_samples", "8", *common])
+    assert from_refs["fid"]["num_images"] == from_coco["fid"]["num_reference"] == 8
+    # the references generate wrote are the COCO images as evaluate --coco30k prepares them: the same statistics
+    a, _ = load_npz(tmp_path / "fid-reference-coco30k_references-authors.npz", "stats")
+    b, _ = load_npz(out / "fid-reference-coco30k-8-authors.npz", "stats")
+    np.testing.assert_allclose(a["mu"], b["mu"], rtol=1e-6)
+    assert from_refs["fid"]["value"] == pytest.approx(from_coco["fid"]["value"], rel=1e-6, abs=1e-9)

@@ -11,12 +11,13 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from diffusers import UNet2DConditionModel
 
-from aptp import prune
+from aptp import calibrate_routing, filter_dataset, prune
 from aptp.config import PruneConfig, load_config
 from aptp.expert import materialize
 from aptp.layout import ArchLayout
@@ -210,3 +211,73 @@ def test_resume_keeps_budget_and_sigterm_checkpoints(world, launched, tmp_path, 
     prune.main([*args, f"training.max_train_steps={step + 1}"])
     assert [r["step"] for r in metrics(out)] == list(range(1, step + 2))
     assert "expert codes:" in capsys.readouterr().out and (out / "experts.json").is_file()
+
+
+@pytest.mark.slow  # the launched run's folder
+def test_a_router_without_calibration_is_calibrated_once(world, launched, tmp_path, in_process, capsys):
+    """A pruning folder from before the calibrated routing: filtering refuses it in one line naming the command,
+    plain cosine still routes, and ``aptp.calibrate_routing`` writes what ``aptp.prune`` writes at its end."""
+    out = tmp_path / "run"
+    shutil.copytree(launched[1], out)
+    info = json.loads((out / "router.json").read_text())
+    written = info.pop("routing")
+    assert written["rule"] == "calibrated" and len(written["log_v"]) == 4 and sum(written["train_counts"]) == 23
+    (out / "router.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match=f"calibrate_routing --pruning_dir {out}") as e:
+        filter_dataset.main(["--pruning_dir", str(out)])
+    assert "\n" not in str(e.value)
+    filter_dataset.main(["--pruning_dir", str(out), "--routing", "cosine", "--splits", "train"])
+    assert json.loads((out / "filtered" / "train.json").read_text())["routing"] == "cosine"
+    calibrate_routing.main(["--pruning_dir", str(out)])
+    assert "calibrated over 23 training captions" in capsys.readouterr().out
+    again = json.loads((out / "router.json").read_text())["routing"]
+    np.testing.assert_allclose(again["log_v"], written["log_v"], rtol=0, atol=1e-9)
+    assert again["train_counts"] == written["train_counts"] and again["cosine_counts"] == written["cosine_counts"]
+    filter_dataset.main(["--pruning_dir", str(out), "--splits", "train"])
+    assert json.loads((out / "filtered" / "train.json").read_text())["rows_per_expert"] == written["train_counts"]
+
+
+def sigterm_after(metrics_file, steps):
+    """SIGTERM to this process once ``metrics_file`` holds ``steps`` lines (the loop then checkpoints and returns)."""
+
+    def wait_then_kill():
+        while not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < steps:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait_then_kill, daemon=True).start()
+
+
+def reset_accelerate():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_sigterm_and_resume_equal_the_uninterrupted_run_bit_for_bit(world, tmp_path, in_process, capsys):
+    """Every draw of a step (flips, timesteps, noise, the VAE's sample, the Gumbel noise, the data order) comes from
+    (seed, process, step): stopped by SIGTERM and resumed, the run ends with the router, codes, calibration and
+    optimizer state of the run that was never stopped."""
+    base = ["--config", str(CONFIGS / "tiny.yaml"), *world, f"data.embedding_cache_dir={tmp_path / 'cache'}"]
+    base += ["training.max_train_steps=6", "training.pretrain_steps=3", "logging.logging_steps=1"]
+    base += ["logging.checkpointing_steps=1000", "training.random_flip=true"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    prune.main([*base, f"output_dir={straight}"])
+    reset_accelerate()
+    sigterm_after(stopped / "metrics.jsonl", 2)
+    prune.main([*base, f"output_dir={stopped}"])
+    reset_accelerate()
+    assert "preemption signal: checkpointing at step" in capsys.readouterr().out
+    assert not (stopped / "router.pt").exists() and prune.checkpoints(stopped)[-1].name != "checkpoint-6"
+    prune.main([*base, f"output_dir={stopped}", "logging.resume_from_checkpoint=latest"])
+
+    for name in ("router.pt", "checkpoints/checkpoint-6/router.pt", "checkpoints/checkpoint-6/optimizer.bin"):
+        a = torch.load(straight / name, weights_only=True)
+        b = torch.load(stopped / name, weights_only=True)
+        flat_a, flat_b = torch.utils._pytree.tree_flatten(a)[0], torch.utils._pytree.tree_flatten(b)[0]
+        assert len(flat_a) == len(flat_b) > 0, name
+        for x, y in zip(flat_a, flat_b):
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, name
+    for name in ("experts.json", "router.json"):
+        a, b = (json.loads((d / name).read_text()) for d in (straight, stopped))
+        assert a == b, name
+    assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(stopped)]

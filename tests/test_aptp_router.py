@@ -25,11 +25,14 @@ from aptp.losses import (
     std_loss,
 )
 from aptp.router import (
+    EXPERT_THRESHOLDS,
     PromptEncoder,
     Router,
     balanced_assignment,
+    calibrate,
     depth_order,
     gumbel_gates,
+    gumbel_noise,
     load_sentence_encoder,
     normalize_arch,
     sinkhorn,
@@ -63,14 +66,27 @@ def sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
 
-def scrambled_router(layout, dim=16, experts=8, seed=0):
-    """A router whose predictor and codes give varied hard architectures (at init every gate is open)."""
+def scrambled_router(layout, dim=16, experts=8, seed=0, **options):
+    """A router whose predictor and codes give varied hard architectures (at init every gate is open); it routes
+    by plain cosine until calibrated."""
     torch.manual_seed(seed)
-    router = Router(layout, dim, experts).eval()
+    router = Router(layout, dim, experts, **options).eval()
     with torch.no_grad():
         router.predictor.weight.mul_(3)
         router.codebook.normal_(0, 3)
+    router.routing = "cosine"
     return router
+
+
+def numpy_sinkhorn(scores, iters=3):
+    """The authors' plan [B, K]: Q = exp(S)^T / sum, rows (codes) to 1/K, columns (prompts) to 1/B, times B."""
+    q = np.exp(scores - scores.max()).T
+    q /= q.sum()
+    K, B = q.shape
+    for _ in range(iters):
+        q /= q.sum(1, keepdims=True) * K
+        q /= q.sum(0, keepdims=True) * B
+    return (q * B).T
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -123,13 +139,15 @@ def test_expert_masks_are_hard_and_monotone(layout):
     for k in range(router.num_experts):
         mask = router.expert_mask(k)
         assert mask.shape == (layout.size,) and set(mask.unique().tolist()) <= {0.0, 1.0}
-        assert torch.equal(mask, binarize(gumbel_gates(router.codebook[k].detach(), W, order), layout))
+        median = torch.full((layout.size,), -np.log(np.log(2)))  # the default expert_threshold: the noise's median
+        assert torch.equal(mask, binarize(gumbel_gates(router.codebook[k].detach(), W, order, median), layout))
         assert all(mask[sg.start : sg.stop].sum() >= 1 for sg in layout.subgates)
         kept = mask[W:][order]
         assert (kept[1:] <= kept[:-1]).all()
 
 
 def test_normalization_matches_direct_computation(layout):
+    """The authors' N: thresholded gates, but soft width x soft depth in the depth-gated blocks; sqrt(1/size)."""
     torch.manual_seed(2)
     mask = torch.rand(3, layout.size)
     for sg in layout.subgates:  # no empty sub-gate, so plain thresholding is the binarisation
@@ -138,12 +156,17 @@ def test_normalization_matches_direct_computation(layout):
     got = normalize_arch(mask, layout).double().numpy()
 
     W = layout.width_size
-    for row, m in zip(got, (mask.numpy() > 0.5).astype(np.float64)):
+    assert any(sg.depth_index is not None for sg in layout.subgates)
+    assert any(sg.depth_index is None for sg in layout.subgates)
+    for row, soft in zip(got, mask.double().numpy()):
+        hard = (soft > 0.5).astype(np.float64)
         parts = []
         for sg in layout.subgates:
-            depth = m[W + sg.depth_index] if sg.depth_index is not None else 1.0
-            parts.append(m[sg.start : sg.stop] * depth / np.sqrt(sg.size))
-        direct = np.concatenate(parts + [m[W:]])
+            if sg.depth_index is None:
+                parts.append(hard[sg.start : sg.stop] / np.sqrt(sg.size))
+            else:
+                parts.append(soft[sg.start : sg.stop] * soft[W + sg.depth_index] / np.sqrt(sg.size))
+        direct = np.concatenate(parts + [hard[W:]])
         np.testing.assert_allclose(row, direct / np.linalg.norm(direct), atol=1e-6)
 
 
@@ -163,6 +186,41 @@ def test_init_block_orthogonal_and_open(layout):
     c = router.codebook.detach()
     torch.testing.assert_close(c @ c.t(), torch.eye(8), atol=1e-5, rtol=0)
     assert all(router.expert_mask(k).all() for k in range(8))  # codes start as the dense model
+
+
+def test_gumbel_noise_is_one_gumbel_draw():
+    u = torch.rand(5, 7, generator=torch.Generator().manual_seed(3)).double().numpy()
+    got = gumbel_noise((5, 7), generator=torch.Generator().manual_seed(3)).double().numpy()
+    np.testing.assert_allclose(got, -np.log(-np.log(u + 1e-20) + 1e-20), rtol=1e-5, atol=1e-6)
+    g = gumbel_noise((400_000,), generator=torch.Generator().manual_seed(0)).double().numpy()
+    assert g.mean() == pytest.approx(np.euler_gamma, abs=0.01)  # not logistic noise (mean 0)
+    assert np.median(g) == pytest.approx(-np.log(np.log(2)), abs=0.01)
+    assert EXPERT_THRESHOLDS["median"] == pytest.approx(-np.log(np.log(2)))
+    assert EXPERT_THRESHOLDS["mean"] == pytest.approx(np.euler_gamma)
+
+
+@pytest.mark.parametrize("rule", ["median", "mean", "none"])
+def test_expert_codes_threshold_at_the_rule_s_noise(layout, rule):
+    router = scrambled_router(layout, expert_threshold=rule)
+    W, order = layout.width_size, router.order
+    noise = torch.full((8, layout.size), EXPERT_THRESHOLDS[rule])
+    want = binarize(gumbel_gates(router.codebook.detach(), W, order, noise), layout)
+    assert torch.equal(router.expert_codes(), want)
+    # more noise keeps more: none <= median <= mean, gate by gate
+    kept = {r: scrambled_router(layout, expert_threshold=r).expert_codes() for r in ("none", "median", "mean")}
+    assert (kept["none"] <= kept["median"]).all() and (kept["median"] <= kept["mean"]).all()
+    assert kept["none"].sum() < kept["mean"].sum()
+
+
+def test_sampled_expert_codes_are_one_seeded_draw(layout):
+    router = scrambled_router(layout, expert_threshold="sample")
+    a = router.expert_codes(torch.Generator().manual_seed(1))
+    assert torch.equal(a, router.expert_codes(torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, router.expert_codes(torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError, match="fixed_codes"):
+        router.expert_mask(0)
+    router.fixed_codes = a
+    assert torch.equal(router.expert_mask(3), a[3])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -192,7 +250,8 @@ WORKER = textwrap.dedent(
     """
     import json, os, sys
     import torch
-    from aptp.router import balanced_assignment, sinkhorn
+    from aptp.losses import contrastive_loss
+    from aptp.router import balanced_assignment, gather_keeping_grad, sinkhorn
     from diffcompress.distributed import cleanup, setup_distributed
 
     info = setup_distributed("cpu")
@@ -203,6 +262,13 @@ WORKER = textwrap.dedent(
         start = sum(sizes[: info.rank])
         plan = sinkhorn(scores[start : start + sizes[info.rank]])
         out[name] = dict(plan=plan.tolist(), assign=balanced_assignment(plan).tolist())
+    g = torch.Generator().manual_seed(1)
+    arch, prompts = torch.randn(8, 12, generator=g), torch.randn(8, 6, generator=g)
+    mine = slice(4 * info.rank, 4 * info.rank + 4)
+    a = arch[mine].clone().requires_grad_()
+    loss = contrastive_loss(gather_keeping_grad(a), gather_keeping_grad(prompts[mine]))
+    loss.backward()
+    out["contrastive"] = dict(loss=loss.item(), grad=a.grad.tolist())
     with open(os.path.join(sys.argv[1], f"rank{info.rank}.json"), "w") as f:
         json.dump(out, f)
     cleanup()
@@ -211,7 +277,7 @@ WORKER = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_sinkhorn_balanced_across_two_processes(tmp_path):
+def test_sinkhorn_and_contrastive_loss_across_two_processes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
@@ -235,13 +301,30 @@ def test_sinkhorn_balanced_across_two_processes(tmp_path):
         assert torch.bincount(assign, minlength=4).tolist() == [4, 4, 4, 4]
         assert len(set(ranks[0][name]["assign"])) > 1  # rank 0 alone would have put everything on code 0
 
+    # the contrastive loss over the gathered batch: on each rank, the one-process loss of the whole batch, and the
+    # gradient of its own rows is the whole batch's gradient of those rows
+    g = torch.Generator().manual_seed(1)
+    arch, prompts = torch.randn(8, 12, generator=g).requires_grad_(), torch.randn(8, 6, generator=g)
+    whole = contrastive_loss(arch, prompts)
+    whole.backward()
+    for r in range(2):
+        assert ranks[r]["contrastive"]["loss"] == pytest.approx(whole.item(), rel=1e-6)
+        torch.testing.assert_close(torch.tensor(ranks[r]["contrastive"]["grad"]), arch.grad[4 * r : 4 * r + 4])
+    local = contrastive_loss(arch[:4], prompts[:4]).item()  # what a per-process loss would have been
+    assert local != pytest.approx(whole.item(), rel=1e-3)
 
-def test_inference_routing_ignores_batch_and_position(layout):
+
+@pytest.mark.parametrize("rule", ["cosine", "calibrated"])
+def test_inference_routing_ignores_batch_and_position(layout, rule):
     router = scrambled_router(layout)
     with torch.no_grad():
         router.codebook[3] = router.codebook[1]  # identical codes: a tie must not depend on the batch
     torch.manual_seed(3)
     emb = torch.randn(24, 16)
+    if rule == "calibrated":
+        router.calibrate(torch.randn(500, 16))
+        assert router.log_v[1] == router.log_v[3]  # identical codes get identical scalings
+    router.routing = rule
     batch = router.route(emb)
     assert len(set(batch.tolist())) > 2
     alone = torch.cat([router.route(e[None]) for e in emb])
@@ -251,13 +334,50 @@ def test_inference_routing_ignores_batch_and_position(layout):
     padded = torch.cat([torch.randn(40, 16), emb, torch.randn(7, 16)])
     assert torch.equal(router.route(padded)[40:64], batch)
     assert 1 in batch.tolist() and 3 not in batch.tolist()  # the tie was met, and went to the lower index
-    # at init every code is the dense model: all tied, all to expert 0
-    assert router.route(emb).dtype == torch.long and Router(layout, 16, 8).route(emb).eq(0).all()
+    assert router.route(emb).dtype == torch.long
+    with pytest.raises(UserError, match="aptp.calibrate_routing"):
+        Router(layout, 16, 8).route(emb)  # calibrated routing needs the calibration
+
+
+def test_calibration_is_the_converged_plan_made_per_prompt():
+    """At the training temperature, log v from ``calibrate`` is the code scaling of a plain (numpy) Sinkhorn run to
+    convergence: its plan's argmax per prompt is argmax_k cos/T + log v_k, and every code gets 1/K of the mass.
+    By default the transport is sharpened until the argmax itself is balanced."""
+    rng = np.random.default_rng(0)
+    cos = np.clip(rng.normal(0.9, 0.02, (300, 4)) + np.array([0.03, 0, 0, -0.02]), -1, 1)  # one code favoured
+    log_v = calibrate(torch.tensor(cos), halvings=0).numpy()
+    plan = numpy_sinkhorn(cos / 0.05, iters=2000)
+    np.testing.assert_allclose(plan.sum(0) / len(cos), 0.25, atol=1e-5)  # balanced codes
+    np.testing.assert_array_equal((cos / 0.05 + log_v).argmax(1), plan.argmax(1))
+    ratio = plan / np.exp(cos / 0.05)  # u_k w_b: per prompt, the code scalings up to a factor
+    np.testing.assert_allclose(np.log(ratio[0]) - np.log(ratio[0]).mean(), log_v, atol=1e-6)
+    assert np.bincount(cos.argmax(1), minlength=4)[0] > 200  # plain cosine collapses onto code 0
+
+    sharp = calibrate(torch.tensor(cos)).numpy()
+    shares = np.bincount((cos / 0.05 + sharp).argmax(1), minlength=4) * 4 / len(cos)
+    assert np.abs(shares - 1).max() <= 0.2, shares
+
+
+def test_calibrated_routing_uses_every_expert_where_cosine_collapses(layout):
+    """Codes nearly parallel (a collapsed codebook): plain cosine sends almost every prompt to one expert; the
+    calibrated rule spreads unseen prompts between 1/(2K) and 2/K per expert."""
+    K = 4
+    router = scrambled_router(layout, experts=K)
+    with torch.no_grad():
+        base = router.codebook[0].clone()
+        for k in range(K):  # small, different perturbations of one code
+            router.codebook[k] = base + 0.1 * torch.randn(layout.size, generator=torch.Generator().manual_seed(k))
+    train, held_out = torch.randn(2000, 16), torch.randn(400, 16)
+    cosine = torch.bincount(router.route(held_out, "cosine"), minlength=K)
+    router.calibrate(train)
+    routed = torch.bincount(router.route(held_out, "calibrated"), minlength=K)
+    assert cosine.max() > 0.6 * len(held_out), cosine  # the collapse this fixes
+    assert routed.min() >= len(held_out) / (2 * K) and routed.max() <= 2 * len(held_out) / K, routed
 
 
 def test_training_routing_gradients(layout):
     torch.manual_seed(4)
-    router = Router(layout, 16, 8).train()
+    router = Router(layout, 16, 8, assignment="capacity").train()
     emb = torch.randn(4, 16)
     out = router(emb)
     assert torch.bincount(out.expert, minlength=8).max() == 1  # 4 prompts, 8 codes: all different
@@ -284,11 +404,16 @@ def test_training_routing_values(layout):
     out = router(emb, pretrain=True)  # eval mode: no noise, each prompt its own predicted gates
     torch.testing.assert_close(out.mask, router.gates(router.predict(emb), noisy=False))
     torch.testing.assert_close(out.arch, normalize_arch(out.mask, layout))
+    codes = router.gates(router.codebook, noisy=False)
+    # the authors' assignment: each prompt the argmax of the 3-round Sinkhorn plan (numpy), not balanced
+    scores = (out.arch.double() @ normalize_arch(codes, layout).double().t() / 0.05).detach().numpy()
     out = router(emb)
-    assert torch.bincount(out.expert, minlength=4).tolist() == [4, 4, 4, 4]
-    torch.testing.assert_close(out.mask, router.gates(router.codebook, noisy=False)[out.expert])
-    router.optimal_transport = False  # without transport: plain argmax, the inference routing
-    assert torch.equal(router(emb).expert, router.route(emb))
+    np.testing.assert_array_equal(out.expert.numpy(), numpy_sinkhorn(scores).argmax(1))
+    torch.testing.assert_close(out.mask, codes[out.expert])
+    router.assignment = "capacity"  # ours, by option: exactly B/K per code
+    assert torch.bincount(router(emb).expert, minlength=4).tolist() == [4, 4, 4, 4]
+    router.optimal_transport = False  # without transport: plain argmax, the inference routing by cosine
+    assert torch.equal(router(emb).expert, router.route(emb, "cosine"))
 
 
 def test_router_state_dict_roundtrip(layout, tmp_path):
@@ -297,7 +422,7 @@ def test_router_state_dict_roundtrip(layout, tmp_path):
     fresh = Router(layout, 16, 8)
     fresh.load_state_dict(torch.load(tmp_path / "router.pt", weights_only=True))
     emb = torch.randn(10, 16)
-    assert torch.equal(fresh.route(emb), router.route(emb))
+    assert torch.equal(fresh.route(emb, "cosine"), router.route(emb))
     assert set(router.state_dict()) == {"predictor.weight", "predictor.bias", "codebook"}
 
 
@@ -353,8 +478,9 @@ def test_min_snr_weights_against_direct_computation():
     ac = sd_alphas_cumprod().astype(np.float32).astype(np.float64)  # as a scheduler stores it
     t = torch.tensor([0, 10, 100, 400, 700, 999])
     snr = ac[t.numpy()] / (1 - ac[t.numpy()])
-    w_v = min_snr_weights(t, torch.tensor(ac, dtype=torch.float32))
-    np.testing.assert_allclose(w_v.numpy(), np.minimum(snr, 5) / (snr + 1), rtol=1e-5)
+    w_v = min_snr_weights(t, torch.tensor(ac, dtype=torch.float32))  # the authors': min(SNR + 1, 5) / (SNR + 1)
+    np.testing.assert_allclose(w_v.numpy(), np.minimum(snr + 1, 5) / (snr + 1), rtol=1e-5)
+    assert (w_v[3:] == 1).all() and w_v[0] < 0.01  # 1 wherever SNR + 1 <= 5: 83% of the schedule
     w_eps = min_snr_weights(t, torch.tensor(ac), prediction_type="epsilon")
     np.testing.assert_allclose(w_eps.numpy(), np.minimum(snr, 5) / snr, rtol=1e-5)
     with pytest.raises(ValueError, match="prediction_type"):
@@ -363,7 +489,7 @@ def test_min_snr_weights_against_direct_computation():
     pred, target = torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8)
     mse = ((pred - target) ** 2).mean(dim=(1, 2, 3)).numpy()
     got = ddpm_loss(pred, target, t, torch.tensor(ac)).item()
-    assert got == pytest.approx(float((np.minimum(snr, 5) / (snr + 1) * mse).mean()), rel=1e-5)
+    assert got == pytest.approx(float((np.minimum(snr + 1, 5) / (snr + 1) * mse).mean()), rel=1e-5)
 
 
 def test_distillation_losses():
@@ -386,7 +512,7 @@ def test_resource_std_max_losses():
     for off in (0.5, 0.9, 1.1, 1.6):
         assert resource_loss(torch.full((4,), target * off), target) > 0
     assert resource_loss(torch.full((4,), target * 2), target).item() == pytest.approx(np.log(2), rel=1e-6)
-    assert std_loss(rho).item() == pytest.approx(-np.std(rho.numpy()), rel=1e-6)
+    assert std_loss(rho).item() == pytest.approx(-np.std(rho.numpy(), ddof=1), rel=1e-6)  # unbiased, as the authors
     assert std_loss(rho[:1]).item() == 0
     assert max_loss(rho).item() == pytest.approx(0.1, rel=1e-5)
 
