@@ -41,7 +41,7 @@ class ModelConfig:
     budget: float = 0.6  # keep this fraction of the dense UNet's MACs on average
     optimal_transport: bool = True  # False: each prompt takes its most similar code (a baseline)
     assignment: str = "argmax"  # argmax: each prompt the argmax of the Sinkhorn plan (authors) | capacity: B/K per code
-    expert_threshold: str = "median"  # the noise an expert's code is thresholded with: median | mean | none | sample
+    expert_threshold: str = "mean"  # the noise an expert's code is thresholded with: mean | median | none | sample
 
 
 @dataclass

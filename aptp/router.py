@@ -43,10 +43,10 @@ SINKHORN_ITERS = 3
 CALIBRATION_ITERS = 1000  # Sinkhorn rounds over the whole training caption set (stops early once balanced)
 ASSIGNMENTS = ("argmax", "capacity")  # training: the plan's argmax (authors) | exactly balanced capacities (ours)
 ROUTING_RULES = ("calibrated", "cosine")
-# The deterministic stand-in for the Gumbel noise when an expert's code is thresholded: the noise's median
-# (each gate takes its more probable training-time state), its mean, none; or "sample": one noisy draw (the
-# authors' embedding_gs).
-EXPERT_THRESHOLDS = {"median": -math.log(math.log(2.0)), "mean": 0.5772156649015329, "none": 0.0, "sample": None}
+# The deterministic stand-in for the Gumbel noise when an expert's code is thresholded: the noise's mean (the
+# default: the codes' MACs then track what training saw, README), its median (each gate in its more probable
+# training-time state), none; or "sample": one noisy draw (the authors' embedding_gs).
+EXPERT_THRESHOLDS = {"mean": 0.5772156649015329, "median": -math.log(math.log(2.0)), "none": 0.0, "sample": None}
 TIE_TOLERANCE = 1e-9  # equal codes differ only by float64 rounding (~1e-15); distinct binary codes lie far apart
 
 
@@ -401,7 +401,7 @@ class Router(nn.Module):
         *,
         optimal_transport: bool = True,
         assignment: str = "argmax",
-        expert_threshold: str = "median",
+        expert_threshold: str = "mean",
         order: Sequence[int] | None = None,
         temperature: float = TEMPERATURE,
         offset: float = OFFSET,
@@ -435,9 +435,9 @@ class Router(nn.Module):
 
     @property
     def threshold_noise(self) -> float:
-        """The constant standing in for the Gumbel noise in deterministic gates (a sampled code: the median)."""
+        """The constant standing in for the Gumbel noise in deterministic gates (a sampled code: the mean)."""
         value = EXPERT_THRESHOLDS[self.expert_threshold]
-        return EXPERT_THRESHOLDS["median"] if value is None else value
+        return EXPERT_THRESHOLDS["mean"] if value is None else value
 
     def gates(self, logits: torch.Tensor, noisy: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         """Gate values: with a Gumbel draw per entry (``noisy``), else with the constant ``threshold_noise``."""

@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import UNet2DConditionModel
 
 from aptp import assignments, filter_dataset, finetune, prune
@@ -25,6 +24,7 @@ from aptp.make_tiny import build_world, write_cc3m
 from aptp.router import PromptEncoder
 from diffcompress.checkpoint import load_file
 from diffcompress.errors import UserError
+from tests.aptp_helpers import assert_same_tensors, reset_accelerate, stop_and_resume
 from tests.conftest import ROOT
 from tests.test_distributed import free_port
 
@@ -32,12 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = ROOT / "configs/aptp/finetuning"
 NUM_EXPERTS = 4
-
-
-def reset_accelerate():
-    """accelerate keeps process-wide state; the stages run one after another in this process."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def make_experts_distinct(prune_dir, sd, encoder, captions):
@@ -94,7 +88,7 @@ def test_configs_hold_the_recipe():
         t = cfg.training
         assert (cfg.losses.ddpm, cfg.losses.distill, cfg.losses.block) == weights
         assert (t.max_train_steps, t.train_batch_size, t.learning_rate, t.scale_lr) == (30000, 128, 1e-5, True)
-        assert (t.lr_warmup_steps, t.snr_gamma, t.resolution) == (250, 5.0, 256)
+        assert (t.lr_warmup_steps, t.snr_gamma, t.resolution, t.max_grad_norm) == (250, 5.0, 256, None)  # no clip
         assert cfg.pruning_dir == f"results/aptp/pruning/{name}" and not cfg.output_dir
     tiny = load_config(CONFIGS / "tiny.yaml", cls=FinetuneConfig)
     assert tiny.training.mixed_precision == "no" and tiny.pruning_dir == "results/aptp-tiny/pruning"
@@ -424,27 +418,16 @@ def test_empty_expert_on_all_prompts_and_a_tiny_expert(world, tmp_path, in_proce
 def test_sigterm_and_resume_equal_the_uninterrupted_run_bit_for_bit(world, tmp_path, in_process, capsys):
     """Stopped by SIGTERM after 2 steps and resumed, fine-tuning ends with the expert, its EMA and the optimizer
     state of the run that was never stopped (every draw of a step is seeded by (seed, process, step))."""
-    from tests.test_aptp_prune import sigterm_after
-
     args = ["--config", str(CONFIGS / "tiny.yaml"), f"pruning_dir={world['prune_dir']}", *RUN, "--expert_id", "0"]
     args += ["training.max_train_steps=5", "logging.checkpointing_steps=1000", "training.random_flip=true"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    finetune.main([*args, f"output_dir={straight}"])
-    reset_accelerate()
-    sigterm_after(stopped / "metrics.jsonl", 2)
-    finetune.main([*args, f"output_dir={stopped}"])
-    reset_accelerate()
-    assert "preemption signal: checkpointing at step" in capsys.readouterr().out
-    assert not (stopped / "expert").exists()
-    finetune.main([*args, f"output_dir={stopped}", "logging.resume_from_checkpoint=latest"])
+    stop_and_resume(finetune.main, args, straight, stopped, after=2)
+    log = capsys.readouterr().out
+    assert "preemption signal: checkpointing at step" in log and "resumed from" in log
 
-    for name in ("checkpoints/checkpoint-5/optimizer.bin", "checkpoints/checkpoint-5/model.safetensors"):
-        a, b = (load_file(d / name) if name.endswith("safetensors") else torch.load(d / name, weights_only=True)
-                for d in (straight, stopped))  # fmt: skip
-        flat_a, flat_b = torch.utils._pytree.tree_flatten(a)[0], torch.utils._pytree.tree_flatten(b)[0]
-        assert len(flat_a) == len(flat_b) > 0, name
-        for x, y in zip(flat_a, flat_b):
-            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, name
-    a, b = (load_expert(d / "expert")[0].state_dict() for d in (straight, stopped))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    name = "checkpoints/checkpoint-5/optimizer.bin"
+    assert_same_tensors(*(torch.load(d / name, weights_only=True) for d in (straight, stopped)), name)
+    name = "checkpoints/checkpoint-5/model.safetensors"
+    assert_same_tensors(*(load_file(d / name) for d in (straight, stopped)), name)
+    assert_same_tensors(*(load_expert(d / "expert")[0].state_dict() for d in (straight, stopped)), "expert")
     assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(stopped)]

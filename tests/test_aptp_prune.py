@@ -26,6 +26,7 @@ from aptp.macs import count_macs, unet_inputs
 from aptp.make_tiny import build_world
 from aptp.router import Router
 from diffcompress.errors import UserError
+from tests.aptp_helpers import assert_same_tensors, stop_and_resume
 from tests.conftest import ROOT
 from tests.test_distributed import free_port
 
@@ -75,6 +76,8 @@ def test_paper_configs_load_with_the_recipe():
         assert (t.learning_rate, t.scale_lr, t.lr_warmup_steps, t.snr_gamma) == (2e-4, True, 100, 5.0)
         assert (cfg.model.budget, cfg.model.num_experts) == (0.6, 8)
         assert cfg.model.prompt_encoder.endswith("all-mpnet-base-v2")
+        # the authors' maths: argmax of the plan, no clipping; codes at the Gumbel noise's mean (measured, README)
+        assert (cfg.model.assignment, cfg.model.expert_threshold, t.max_grad_norm) == ("argmax", "mean", None)
     tiny = load_config(CONFIGS / "tiny.yaml")
     assert tiny.training.mixed_precision == "no" and tiny.data.dataloader_num_workers == 0
 
@@ -89,12 +92,17 @@ def test_config_errors_are_one_line(tmp_path):
     assert load_config(file).training.learning_rate == 3e-4
     cfg = load_config(file, ["model.num_experts=4", "losses.ddpm=0.5", "logging.resume_from_checkpoint=latest"])
     assert (cfg.model.num_experts, cfg.losses.ddpm, cfg.logging.resume_from_checkpoint) == (4, 0.5, "latest")
+    cfg = load_config(file, ["training.max_grad_norm=1.0", "model.assignment=capacity"])  # ours, by option
+    assert (cfg.training.max_grad_norm, cfg.model.assignment) == (1.0, "capacity")
     for override, message in [
         ("training.max_train_steps=ten", "training.max_train_steps must be int, got 'ten'"),
         ("model.budget=1.5", r"model.budget must be in \(0, 1\]"),
         ("training.mixed_precision=fp8", "mixed_precision must be no, fp16 or bf16"),
         ("data=3", "data must be a mapping"),
         ("model.experts.k=3", "unknown key model.experts"),
+        ("model.assignment=greedy", "model.assignment must be one of argmax, capacity"),
+        ("model.expert_threshold=max", "model.expert_threshold must be one of mean, median, none, sample"),
+        ("training.max_grad_norm=0", "training.max_grad_norm must be positive or null"),
         ("nokey", "expected section.key=value"),
     ]:
         with pytest.raises(UserError, match=message):
@@ -237,22 +245,6 @@ def test_a_router_without_calibration_is_calibrated_once(world, launched, tmp_pa
     assert json.loads((out / "filtered" / "train.json").read_text())["rows_per_expert"] == written["train_counts"]
 
 
-def sigterm_after(metrics_file, steps):
-    """SIGTERM to this process once ``metrics_file`` holds ``steps`` lines (the loop then checkpoints and returns)."""
-
-    def wait_then_kill():
-        while not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < steps:
-            time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=wait_then_kill, daemon=True).start()
-
-
-def reset_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def test_sigterm_and_resume_equal_the_uninterrupted_run_bit_for_bit(world, tmp_path, in_process, capsys):
     """Every draw of a step (flips, timesteps, noise, the VAE's sample, the Gumbel noise, the data order) comes from
     (seed, process, step): stopped by SIGTERM and resumed, the run ends with the router, codes, calibration and
@@ -261,22 +253,12 @@ def test_sigterm_and_resume_equal_the_uninterrupted_run_bit_for_bit(world, tmp_p
     base += ["training.max_train_steps=6", "training.pretrain_steps=3", "logging.logging_steps=1"]
     base += ["logging.checkpointing_steps=1000", "training.random_flip=true"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    prune.main([*base, f"output_dir={straight}"])
-    reset_accelerate()
-    sigterm_after(stopped / "metrics.jsonl", 2)
-    prune.main([*base, f"output_dir={stopped}"])
-    reset_accelerate()
-    assert "preemption signal: checkpointing at step" in capsys.readouterr().out
-    assert not (stopped / "router.pt").exists() and prune.checkpoints(stopped)[-1].name != "checkpoint-6"
-    prune.main([*base, f"output_dir={stopped}", "logging.resume_from_checkpoint=latest"])
+    stop_and_resume(prune.main, base, straight, stopped, after=2)
+    log = capsys.readouterr().out
+    assert "preemption signal: checkpointing at step" in log and "resumed from" in log
 
     for name in ("router.pt", "checkpoints/checkpoint-6/router.pt", "checkpoints/checkpoint-6/optimizer.bin"):
-        a = torch.load(straight / name, weights_only=True)
-        b = torch.load(stopped / name, weights_only=True)
-        flat_a, flat_b = torch.utils._pytree.tree_flatten(a)[0], torch.utils._pytree.tree_flatten(b)[0]
-        assert len(flat_a) == len(flat_b) > 0, name
-        for x, y in zip(flat_a, flat_b):
-            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, name
+        assert_same_tensors(*(torch.load(d / name, weights_only=True) for d in (straight, stopped)), name)
     for name in ("experts.json", "router.json"):
         a, b = (json.loads((d / name).read_text()) for d in (straight, stopped))
         assert a == b, name
