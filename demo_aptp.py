@@ -268,8 +268,13 @@ def score_models(
 
 
 def run_demo(args: argparse.Namespace) -> Path:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     from aptp.pipeline import APTPPipeline
 
+    diffusers_logging.disable_progress_bar()  # the console is the list of stages: no per-model loading bars
+    transformers_logging.disable_progress_bar()
     preset = PRESETS[args.preset]
     out = Path(args.out or ("outputs/demo-aptp" if args.preset == "demo" else "outputs/quick-aptp"))
     sd, encoder = check_teacher(Path(args.teacher))
