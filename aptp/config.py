@@ -1,7 +1,8 @@
 """YAML configs of APTP's stages, loaded into dataclasses.
 
 A config file gives any subset of the keys (the rest keep their defaults); ``section.key=value`` arguments on the
-command line override it. Unknown keys are an error that names them all; values are checked against the field
+command line override it. The authors' schema (``model.unet``, ``training.optim`` ...) is translated first
+(``aptp.authors_config``). Unknown keys are an error that names them all; values are checked against the field
 types (YAML reads ``2e-4`` as a string: float fields accept such strings).
 """
 
@@ -18,6 +19,7 @@ import yaml
 
 from diffcompress.errors import UserError
 
+from .authors_config import is_authors_schema, translate
 from .losses import LossWeights
 from .router import ASSIGNMENTS, DEFAULT_ENCODER, EXPERT_THRESHOLDS
 
@@ -270,6 +272,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, cls
             raise UserError(f"config file {str(path)!r} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+    if is_authors_schema(data):  # the authors' configs/{pruning,finetuning}/*.yaml
+        data = translate(data, finetuning=cls is FinetuneConfig, where=f"config file {str(path)!r}")
     config = from_dict(cls, apply_overrides(data, overrides or []))
     return config.validate() if hasattr(config, "validate") else config
 
