@@ -99,14 +99,20 @@ NO_EFFECT = [
     "training.num_inference_steps", "training.local_rank", "training.enable_xformers_memory_efficient_attention",
     "training.hf_hub",
     "training.logging.tracker_project_name", "training.logging.wandb_log_dir", "training.logging.auto_checkpoint_step",
+    # their command-line flags, merged into the root of the config.yaml their runs save
+    "base_config_path", "wandb_run_name", "tracker_project_name", "pruning_type", "non_ema_revision",
+    "enable_xformers_memory_efficient_attention", "push_to_hub", "local_rank", "mixed_precision", "cache_dir",
+    "use_ema", "clip_model_name_or_path", "finetuning_ckpt_dir", "expert_id",
 ]  # fmt: skip
 # ... and the other stage's keys: the pruning run's router, codebook and losses mean nothing to fine-tuning
 NO_EFFECT_PRUNING = [
     *NO_EFFECT, "training.losses.diffusion_loss.weight",  # the DDPM loss has weight 1 in their pruning
+    "pruning_ckpt_dir",  # set by their filtering command, saved into the same config
     "training.optim.unet_learning_rate", "training.optim.unet_weight_decay",
 ]  # fmt: skip
 NO_EFFECT_FINETUNING = [
-    *NO_EFFECT, "model.hypernet", "model.quantizer", "training.hypernet_pretraining_steps",
+    *NO_EFFECT, "prompt_encoder_model_name_or_path", "model.hypernet", "model.quantizer",
+    "training.hypernet_pretraining_steps",
     "training.losses.resource_loss", "training.losses.contrastive_loss", "training.losses.std_loss",
     "training.losses.max_loss", "training.optim.hypernet_learning_rate", "training.optim.quantizer_learning_rate",
     "training.optim.hypernet_weight_decay", "training.optim.quantizer_weight_decay",

@@ -11,7 +11,9 @@ into it (the training split's are usually there already). Under ``accelerate lau
 embedding work and the main process routes and writes; routing itself is cheap.
 
 Written to ``<pruning_dir>/filtered/`` (names: ``aptp.assignments``): per split, the expert of every caption row,
-the rows of each expert and a summary; ``aptp.finetune --expert_id K`` trains expert K on its training rows.
+the rows of each expert and a summary; ``aptp.finetune --expert_id K`` trains expert K on its training rows. Also
+written, for the authors' tools, into ``<pruning_dir>`` itself: ``{dataset}_{train,validation}_mapped_indices.pt``
+in their format and row order (``aptp.mapped_indices``; CC3M with the ``{split}_cc3m_names.pkl`` that fixes it).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .assignments import filtered_dir, load_router, read_router_info, write_assi
 from .config import load_config
 from .data import embedding_cache_path, load_captions, prompt_embeddings
 from .layout import ArchLayout
+from .mapped_indices import FILE_SPLITS, write_for_table
 from .router import ROUTING_RULES, Router, _hub_reachable
 
 
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     layout = ArchLayout.from_config(load_unet_config(info["pretrained_model_name_or_path"], cfg.revision))
     router = load_router(pruning_dir, layout, state.device, args.routing)
 
-    summaries = []
+    summaries, notes = [], []
     for split in args.splits:
         table = load_captions(dataset, data_dir, split)
         embeddings = prompt_embeddings(table.captions, encoder, cache_dir, state.device, args.batch_size)
@@ -118,9 +121,13 @@ def main(argv: list[str] | None = None) -> None:
                     embeddings=os.fspath(embedding_cache_path(cache_dir, encoder, table.captions)),
                 )
             )  # fmt: skip
+            if split in FILE_SPLITS:  # the authors' file beside ours
+                notes.append(write_for_table(pruning_dir, dataset, split, table, ids))
         state.wait_for_everyone()
     if state.is_main_process:
         print_counts(summaries, router.num_experts)
+        for note in notes:
+            print(f"authors' filtering file: {note}")
         print(
             f"expert assignments: {filtered_dir(pruning_dir)} ({{split}}_expert_ids.npy: the expert of every caption "
             f"row; {{split}}_expert_<k>.npy: the rows of expert k; {{split}}.json: counts)\n"

@@ -24,6 +24,7 @@ resolution (``experts.json``).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -40,8 +41,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffcompress.errors import UserError
 from diffcompress.progress import Progress, progress_bar
 
+from . import original
 from .assignments import load_router, read_experts, read_router_info
-from .expert import WEIGHTS, load_expert, materialize
+from .expert import WEIGHTS, materialize
 from .filter_dataset import load_unet_config
 from .layout import ArchLayout
 from .prune import load_stable_diffusion
@@ -67,12 +69,16 @@ def find_expert_folders(
     pruning_dir: str | os.PathLike, experts: str | os.PathLike | Mapping[int, str | os.PathLike] | None, count: int
 ) -> dict[int, Path]:
     """Expert id -> its folder, for the ids of ``range(count)`` that have one; see the module docstring."""
+    if experts is None and original.expert_dirs(pruning_dir):  # a released variant of the authors'
+        experts = pruning_dir
     if experts is None or isinstance(experts, (str, os.PathLike)):
         root = Path(pruning_dir) / FINETUNE_DIR if experts is None else Path(experts)
         if experts is not None and not root.is_dir():
             raise UserError(f"experts folder {str(root)!r} does not exist (expected expert_<K>/expert subfolders)")
-        if (root / WEIGHTS).is_file():
+        if (root / WEIGHTS).is_file() or original.is_authors_expert(root):
             raise UserError(f"{str(root)!r} is one expert's folder: pass {{expert id: folder}} instead")
+        if original.expert_dirs(root):  # the authors' arch<k>/checkpoint-N (a released variant)
+            return {k: d for k, d in original.expert_dirs(root).items() if k < count}
         return {k: expert_folder(root, k) for k in range(count) if expert_folder(root, k).is_dir()}
     folders = {}
     for k, folder in experts.items():
@@ -126,15 +132,16 @@ class APTPPipeline:
         prompt_encoder: str | PromptEncoder,
         load_dense: Callable[[], UNet2DConditionModel] | None = None,
         source: str = "the pruning directory",
+        fetch_expert: Callable[[int], Path] | None = None,
     ):
         """``experts``: experts.json's entries (``code``, ``macs``); ``load_dense`` (None: a missing expert is an
         error) gives the dense UNet that experts without a folder are sliced from; ``source`` names the pruning
-        directory in messages."""
+        directory in messages; ``fetch_expert`` (a hub variant) downloads an expert's folder when first used."""
         if len(experts) != router.num_experts:
             raise UserError(f"{source}: the router has {router.num_experts} experts, experts.json {len(experts)}")
         self.vae, self.text_encoder, self.tokenizer, self.scheduler = vae, text_encoder, tokenizer, scheduler
         self.router, self.experts, self.expert_folders = router.eval(), list(experts), dict(expert_folders)
-        self.load_dense, self.source = load_dense, source
+        self.load_dense, self.source, self.fetch_expert = load_dense, source, fetch_expert
         self._prompt_encoder = prompt_encoder
         self._pipes: dict[int, StableDiffusionPipeline] = {}
         self._dense: UNet2DConditionModel | None = None
@@ -146,31 +153,52 @@ class APTPPipeline:
         pruning_dir: str | os.PathLike,
         experts: str | os.PathLike | Mapping[int, str | os.PathLike] | None = None,
         *,
+        variant: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
         pretrained_model_name_or_path: str | None = None,
         revision: str | None = None,
         prompt_encoder: str | None = None,
         scheduler: str | SchedulerMixin = "PNDMScheduler",
         missing_expert: str = "dense",
-        routing: str = "calibrated",
+        routing: str | None = None,
         device: str | torch.device = "cpu",
         torch_dtype: torch.dtype = torch.float32,
     ) -> APTPPipeline:
-        """Load from a pruning directory; the SD model and the prompt encoder default to those of ``router.json``.
-        ``routing``: ``calibrated`` (balanced per-prompt rule, as ``aptp.filter_dataset``) or ``cosine``."""
+        """Load from a pruning directory of ours, a pruning checkpoint or released variant folder of the authors', or
+        a hub repo of theirs with ``variant`` (``rezashkv/diffusion_pruning``, ``variant="APTP-Base-CC3M"``: the
+        router now, each expert when first used, into the hub cache or ``cache_dir``); the SD model and the prompt
+        encoder default to those of ``router.json`` (the authors': their defaults, SD 2.1 and all-mpnet-base-v2).
+        ``routing``: ``calibrated`` (balanced per-prompt rule, as ``aptp.filter_dataset``), ``cosine`` or ``authors``
+        (their rule); None: calibrated, or the authors' rule for their uncalibrated routers (a note says so)."""
         if missing_expert not in MISSING_EXPERT:
             raise UserError(f"missing_expert {missing_expert!r}: expected one of {', '.join(MISSING_EXPERT)}")
+        fetch_expert = None
+        if original.is_hub_variant(str(pruning_dir), variant):
+            repo = str(pruning_dir)
+            pruning_dir = original.fetch_router_files(repo, variant, cache_dir=cache_dir)
+            fetch_expert = functools.partial(original.fetch_expert_files, repo, variant, cache_dir=cache_dir)
+        elif variant is not None:
+            pruning_dir = Path(pruning_dir) / variant
+        if not Path(pruning_dir).is_dir():
+            raise UserError(
+                f"{str(pruning_dir)!r} is not a folder; expected a pruning directory (ours or the authors'), or a hub "
+                f"repo id with variant=, e.g. {original.HUB_REPO!r} and one of {', '.join(original.VARIANTS)}"
+            )
         info = read_router_info(pruning_dir)
         sd_name = pretrained_model_name_or_path or info["pretrained_model_name_or_path"]
         sd = load_stable_diffusion(sd_name, revision, torch_dtype, ("vae", "text_encoder", "tokenizer", "scheduler"))
-        router = load_router(pruning_dir, ArchLayout.from_config(load_unet_config(sd_name, revision)), routing=routing)
-        table = read_experts(pruning_dir)["experts"]
+        unet_config = original.unet_config(pruning_dir) if original.is_authors_pruning_dir(pruning_dir) else None
+        unet_config = unet_config or load_unet_config(sd_name, revision)
+        router = load_router(pruning_dir, ArchLayout.from_config(unet_config), routing=routing)
+        table = read_experts(pruning_dir, unet_config)["experts"]
         load_dense = None
         if missing_expert == "dense":
             load_dense = lambda: load_stable_diffusion(sd_name, revision, subfolders=("unet",))["unet"]
         pipe = cls(
             sd["vae"], sd["text_encoder"], sd["tokenizer"], make_scheduler(sd["scheduler"], scheduler), router, table,
-            find_expert_folders(pruning_dir, experts, len(table)), prompt_encoder or info["prompt_encoder"],
-            load_dense, str(pruning_dir),
+            {} if fetch_expert and experts is None else find_expert_folders(pruning_dir, experts, len(table)),
+            prompt_encoder or info["prompt_encoder"],
+            load_dense, str(pruning_dir), fetch_expert,
         )  # fmt: skip
         return pipe.to(device, torch_dtype)
 
@@ -209,8 +237,10 @@ class APTPPipeline:
         self._check_expert(expert)
         code = torch.tensor(self.experts[expert]["code"])
         folder = self.expert_folders.get(expert)
+        if folder is None and self.fetch_expert is not None:
+            folder = self.expert_folders[expert] = self.fetch_expert(expert)
         if folder is not None:
-            unet, saved = load_expert(folder)
+            unet, saved = original.load_expert_folder(folder)
             if not torch.equal(saved.int(), code.int()):
                 raise UserError(
                     f"expert folder {str(folder)!r} holds another architecture than expert {expert} of "

@@ -42,7 +42,8 @@ SINKHORN_TEMPERATURE = 0.05
 SINKHORN_ITERS = 3
 CALIBRATION_ITERS = 1000  # Sinkhorn rounds over the whole training caption set (stops early once balanced)
 ASSIGNMENTS = ("argmax", "capacity")  # training: the plan's argmax (authors) | exactly balanced capacities (ours)
-ROUTING_RULES = ("calibrated", "cosine")
+ROUTING_RULES = ("calibrated", "cosine", "authors")
+AUTHORS_BATCH = 2048  # the authors route captions in batches of 2048 rows (their noise depends on the row's place)
 # The deterministic stand-in for the Gumbel noise when an expert's code is thresholded: the noise's mean (the
 # default: the codes' MACs then track what training saw, README), its median (each gate in its more probable
 # training-time state), none; or "sample": one noisy draw (the authors' embedding_gs).
@@ -188,13 +189,16 @@ def gumbel_gates(
     """Gate values in (0, 1) for architecture logits [..., width_size + D]; ``noise`` None means g = 0.
 
     Width: ``sigmoid((l + g + offset) / T)``. Depth: p = softmax(depth logits), x = flip(cumsum(p)) is
-    non-increasing, and ``sigmoid((logit(x_j) + g_j + offset) / T)`` is the gate of block ``order[j]``;
-    without noise a block is thus only kept if every block before it in ``order`` is.
+    non-increasing, and ``sigmoid((log(x_j + 1e-6) - log(1 - x_j + 1e-6) + g_j + offset) / T)`` (the authors'
+    smoothed logit) is the gate of block ``order[j]``; without noise a block is thus only kept if every block before
+    it in ``order`` is.
     """
     g = torch.zeros_like(logits) if noise is None else noise.to(logits)
     width = torch.sigmoid((logits[..., :width_size] + g[..., :width_size] + offset) / temperature)
     x = torch.flip(torch.cumsum(torch.softmax(logits[..., width_size:], dim=-1), dim=-1), dims=(-1,))
-    ordered = torch.sigmoid((torch.logit(x, eps=1e-6) + g[..., width_size:] + offset) / temperature)
+    ordered = torch.sigmoid(
+        (torch.log(x + 1e-6) - torch.log(1 - x + 1e-6) + g[..., width_size:] + offset) / temperature
+    )
     inverse = torch.argsort(torch.as_tensor(order, device=logits.device))
     return torch.cat([width, ordered[..., inverse]], dim=-1)
 
@@ -221,7 +225,10 @@ def normalize_arch(mask: torch.Tensor, layout: ArchLayout) -> torch.Tensor:
     """
     from .layout import binarize  # aptp.layout loads diffusers; Sinkhorn-only users need not
 
-    hard = binarize(mask, layout)
+    return _normalize(mask, binarize(mask, layout), layout)
+
+
+def _normalize(mask: torch.Tensor, hard: torch.Tensor, layout: ArchLayout) -> torch.Tensor:
     scale, depth_idx = _width_factors(layout)
     W = layout.width_size
     depth_idx = depth_idx.to(mask.device)
@@ -229,6 +236,31 @@ def normalize_arch(mask: torch.Tensor, layout: ArchLayout) -> torch.Tensor:
     in_depth_gated = depth_idx < layout.depth_size
     width = torch.where(in_depth_gated, mask[..., :W] * soft_depth, hard[..., :W]) * scale.to(mask)
     return F.normalize(torch.cat([width, hard[..., W:]], dim=-1), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The authors' inference routing (their filtering stage): fixed noise, their sampled codes, plain cosine
+
+
+def authors_noise(batch: int, layout: ArchLayout) -> torch.Tensor:
+    """The fixed Gumbel noise [batch, layout.size] of the authors' routing: for each width sub-gate and for the depth
+    part, a fresh CPU generator seeded 0 draws u [batch, part size]; so a row's noise depends on its place in the
+    batch, not on the prompt."""
+    sizes = [sg.size for sg in layout.subgates] + [layout.depth_size]
+    return torch.cat([gumbel_noise((batch, n), generator=torch.Generator().manual_seed(0)) for n in sizes], dim=-1)
+
+
+def nonzero_width(gates: torch.Tensor, layout: ArchLayout) -> torch.Tensor:
+    """The authors' non-zero rule: a width sub-gate with every entry below 0.5 gets +0.5 on its first entry."""
+    out = gates.clone()
+    for sg in layout.subgates:
+        out[..., sg.start] += 0.5 * (gates[..., sg.start : sg.stop] < 0.5).all(dim=-1)
+    return out
+
+
+def authors_normalize(mask: torch.Tensor, layout: ArchLayout) -> torch.Tensor:
+    """``normalize_arch`` as the authors' routing computes it: kept iff >= 0.5, an empty sub-gate stays empty."""
+    return _normalize(mask, (mask >= 0.5).to(mask.dtype), layout)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -428,6 +460,7 @@ class Router(nn.Module):
         self.routing = "calibrated"
         self.register_buffer("log_v", None, persistent=False)  # [K] from calibrate(); router.json keeps it
         self.register_buffer("fixed_codes", None, persistent=False)  # [K, layout.size] 0/1
+        self.register_buffer("soft_codes", None, persistent=False)  # [K, layout.size]: the authors' embedding_gs
 
     @property
     def num_experts(self) -> int:
@@ -508,6 +541,22 @@ class Router(nn.Module):
                 out.append(self.normalize(self.gates(self.predict(e), noisy=False).double()) @ codes.t())
         return torch.cat(out) if out else embeddings.new_zeros((0, self.num_experts), dtype=torch.float64)
 
+    @torch.no_grad()
+    def authors_cosines(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Cosines [N, K] (float64) of the authors' routing: each prompt's gates under their fixed noise
+        (``authors_noise``, rows taken in batches of ``AUTHORS_BATCH``) with the non-zero rule, against the experts'
+        stored sampled codes (``soft_codes``, else the binary codes), both normalised by ``authors_normalize``."""
+        with torch.autocast(embeddings.device.type, enabled=False):
+            codes = self.soft_codes if self.soft_codes is not None else self.expert_codes()
+            codes = authors_normalize(codes.double(), self.layout)
+            out = [embeddings.new_zeros((0, self.num_experts), dtype=torch.float64)]
+            for i in range(0, len(embeddings), AUTHORS_BATCH):
+                logits = self.predict(embeddings[i : i + AUTHORS_BATCH].float()).double()
+                noise = authors_noise(len(logits), self.layout).to(logits)
+                gates = gumbel_gates(logits, self.layout.width_size, self.order, noise, self.temperature, self.offset)
+                out.append(authors_normalize(nonzero_width(gates, self.layout), self.layout) @ codes.t())
+        return torch.cat(out)
+
     def calibrate(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Set and return ``log_v`` from the prompt embeddings the router was trained on (``calibrate``)."""
         self.log_v = calibrate(self.cosines(embeddings), self.sinkhorn_temperature).to(self.codebook.device)
@@ -516,7 +565,8 @@ class Router(nn.Module):
     @torch.no_grad()
     def route(self, embeddings: torch.Tensor, rule: str | None = None) -> torch.Tensor:
         """Expert id per prompt [B] at inference, by ``rule`` (default ``self.routing``): ``calibrated``,
-        ``argmax_k cos_k / temperature + log v_k``; ``cosine``, the plain cosine argmax.
+        ``argmax_k cos_k / temperature + log v_k``; ``cosine``, the plain cosine argmax; ``authors``, their rule
+        (``authors_cosines``: the expert of a prompt depends on its place in ``embeddings``, modulo 2048).
 
         Scores are taken in float64 and near-ties (identical codes) go to the lowest index, so a prompt's expert
         does not depend on the batch size or its position in the batch (BLAS may sum in another order).
@@ -524,6 +574,8 @@ class Router(nn.Module):
         rule = rule or self.routing
         if rule not in ROUTING_RULES:
             raise UserError(f"routing {rule!r}: expected one of {', '.join(ROUTING_RULES)}")
+        if rule == "authors":
+            return self.authors_cosines(embeddings).argmax(dim=1)  # the first maximum, as theirs
         score = self.cosines(embeddings)
         if rule == "calibrated" and self.num_experts > 1:  # one expert: nothing to balance
             if self.log_v is None:

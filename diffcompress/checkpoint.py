@@ -36,7 +36,21 @@ class CheckpointError(UserError):
 
 def load_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint file into a dict (tensors on CPU) without running any code from it."""
-    path = Path(path)
+    obj = _read(Path(path))
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict of tensors")
+    return obj
+
+
+def load_tensor(path: str | os.PathLike) -> torch.Tensor:
+    """Read a file holding one pickled tensor (or nn.Parameter), on CPU, without running any code from it."""
+    obj = _read(Path(path))
+    if not isinstance(obj, torch.Tensor):
+        raise CheckpointError(f"{str(path)!r} holds a {type(obj).__name__}, expected a tensor")
+    return obj.detach()
+
+
+def _read(path: Path) -> Any:
     if path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} is a directory, expected a checkpoint file")
     if not path.is_file():
@@ -67,8 +81,6 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(_corrupt_message(path, e)) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as e:
         raise CheckpointError(_corrupt_message(path, e)) from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict of tensors")
     return obj
 
 

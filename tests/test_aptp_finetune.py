@@ -346,7 +346,9 @@ def test_bad_input_is_one_line(world, tmp_path, in_process):
     assert "\n" not in str(e.value)
 
     unfiltered = tmp_path / "unfiltered"
-    shutil.copytree(prune_dir, unfiltered, ignore=shutil.ignore_patterns("filtered"))
+    shutil.copytree(
+        prune_dir, unfiltered, ignore=shutil.ignore_patterns("filtered", "*_mapped_indices.pt", "*_cc3m_names.pkl")
+    )
     with pytest.raises(UserError, match=r"does not exist: .*run `python -m aptp.filter_dataset --pruning_dir") as e:
         finetune.main([*args, "--expert_id", "1", f"pruning_dir={unfiltered}"])
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()

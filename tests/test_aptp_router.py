@@ -115,8 +115,7 @@ def test_gumbel_gates_closed_form(layout, with_noise):
     width = sigmoid((lg[:, :W] + g[:, :W] + 3) / 0.4)
     p = np.exp(lg[:, W:]) / np.exp(lg[:, W:]).sum(1, keepdims=True)
     x = np.cumsum(p, axis=1)[:, ::-1]
-    with np.errstate(divide="ignore"):  # x_0 = 1: logit +inf, the outermost block is always kept
-        ordered = sigmoid((np.log(x) - np.log1p(-x) + g[:, W:] + 3) / 0.4)
+    ordered = sigmoid((np.log(x + 1e-6) - np.log(1 - x + 1e-6) + g[:, W:] + 3) / 0.4)  # the authors' smoothing
     depth = np.empty_like(ordered)
     depth[:, list(order)] = ordered
     np.testing.assert_allclose(gates, np.concatenate([width, depth], 1), atol=1e-5)
