@@ -115,6 +115,19 @@ _FILTER_HINT = "run `python -m aptp.filter_dataset --pruning_dir <dir> ...` firs
 _PRUNE_HINT = "the output_dir of a finished `aptp.prune` run"
 
 
+def pruning_config(prune_dir: str | os.PathLike) -> Path:
+    """The pruning run's ``config.yaml`` (ours: in the directory; the authors': beside their checkpoint folder)."""
+    path = Path(prune_dir) / "config.yaml"
+    if not path.is_file() and original.is_authors_pruning_dir(prune_dir):
+        path = original.run_config(prune_dir)[0] or path
+    if not path.is_file():
+        raise UserError(
+            f"{path} does not exist: the pruning directory must be an aptp.prune run (or the authors' checkpoint "
+            f"folder inside their run folder, beside its config.yaml)"
+        )
+    return path
+
+
 def read_router_info(prune_dir: str | os.PathLike) -> dict[str, Any]:
     """``router.json``, or for the authors' pruning checkpoint / released variant the same facts read from it."""
     if original.is_authors_pruning_dir(prune_dir):

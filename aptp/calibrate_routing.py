@@ -17,9 +17,8 @@ import torch
 
 from diffcompress.checkpoint import write_json_atomic
 from diffcompress.cli import run
-from diffcompress.errors import UserError
 
-from .assignments import ROUTER_INFO, load_router, read_router_info
+from .assignments import ROUTER_INFO, load_router, pruning_config, read_router_info
 from .config import load_config
 from .data import load_captions, prompt_embeddings
 from .filter_dataset import load_unet_config
@@ -35,9 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     pruning_dir = Path(args.pruning_dir)
     info = read_router_info(pruning_dir)
-    if not (pruning_dir / "config.yaml").is_file():
-        raise UserError(f"{pruning_dir / 'config.yaml'} does not exist: --pruning_dir must be an aptp.prune run")
-    cfg = load_config(pruning_dir / "config.yaml")
+    cfg = load_config(pruning_config(pruning_dir))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     layout = ArchLayout.from_config(load_unet_config(info["pretrained_model_name_or_path"], cfg.revision))
     router = load_router(pruning_dir, layout, device, routing="cosine")

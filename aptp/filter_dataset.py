@@ -5,10 +5,11 @@
 
 The router of a finished pruning run (``router.pt``/``router.json``) routes each caption deterministically and
 independently of the batch: ``argmax_k cos_k / 0.05 + log v_k`` with the per-expert scalings calibrated at the end
-of pruning (``--routing cosine``: the plain cosine argmax). The dataset, its folder and the prompt encoder
-are those of the pruning run (its ``config.yaml``); the prompt embeddings are read from the run's cache or computed
-into it (the training split's are usually there already). Under ``accelerate launch`` the processes share the
-embedding work and the main process routes and writes; routing itself is cheap.
+of pruning (``--routing cosine``: the plain cosine argmax; ``--routing authors``: the authors' rule, see
+``aptp.original``; the default for their pruning folders, which hold no calibration). The dataset, its folder and
+the prompt encoder are those of the pruning run (its ``config.yaml``); the prompt embeddings are read from the run's
+cache or computed into it (the training split's are usually there already). Under ``accelerate launch`` the
+processes share the embedding work and the main process routes and writes; routing itself is cheap.
 
 Written to ``<pruning_dir>/filtered/`` (names: ``aptp.assignments``): per split, the expert of every caption row,
 the rows of each expert and a summary; ``aptp.finetune --expert_id K`` trains expert K on its training rows. Also
@@ -31,12 +32,12 @@ from diffcompress.cli import run
 from diffcompress.errors import UserError
 from diffcompress.progress import progress_bar
 
-from .assignments import filtered_dir, load_router, read_router_info, write_assignments
+from .assignments import filtered_dir, load_router, pruning_config, read_router_info, write_assignments
 from .config import load_config
 from .data import embedding_cache_path, load_captions, prompt_embeddings
 from .layout import ArchLayout
 from .mapped_indices import FILE_SPLITS, write_for_table
-from .router import ROUTING_RULES, Router, _hub_reachable
+from .router import AUTHORS_BATCH, ROUTING_RULES, Router, _hub_reachable
 
 
 def load_unet_config(name: str, revision: str | None = None) -> dict[str, Any]:
@@ -60,8 +61,11 @@ def load_unet_config(name: str, revision: str | None = None) -> dict[str, Any]:
 
 def route_captions(router: Router, embeddings: np.ndarray, batch_size: int, desc: str = "route") -> np.ndarray:
     """The expert of each row of ``embeddings`` [N, d] (int64 [N]), routed in batches on the router's device (the
-    batches do not change the result: ``Router.route`` is per prompt)."""
+    batches do not change the result: ``Router.route`` is per prompt; the authors' rule depends on a row's place in
+    its batch of 2048, so it gets those batches)."""
     device = next(router.parameters()).device
+    if router.routing == "authors":
+        batch_size = AUTHORS_BATCH
     ids = [np.zeros(0, dtype=np.int64)]
     for lo in progress_bar(range(0, len(embeddings), batch_size), desc=desc):
         batch = torch.from_numpy(np.array(embeddings[lo : lo + batch_size], dtype=np.float32)).to(device)
@@ -85,16 +89,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--splits", nargs="+", default=["train", "validation"], help="dataset splits to assign")
     parser.add_argument("--batch_size", type=int, default=256, help="captions per prompt-encoder / router batch")
     parser.add_argument("--data_dir", default=None, help="the dataset folder, if not the pruning run's")
-    parser.add_argument("--routing", choices=ROUTING_RULES, default="calibrated",
-                        help="calibrated: argmax_k cos_k / 0.05 + log v_k; cosine: the plain argmax")  # fmt: skip
+    parser.add_argument("--routing", choices=ROUTING_RULES, default=None,
+                        help="calibrated: argmax_k cos_k / 0.05 + log v_k; cosine: the plain argmax; authors: their "
+                             "rule (default: calibrated; theirs for their uncalibrated routers)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be positive, got {args.batch_size}")
     pruning_dir = Path(args.pruning_dir)
     info = read_router_info(pruning_dir)  # fails first, with a hint, when this is no pruning run
-    if not (pruning_dir / "config.yaml").is_file():
-        raise UserError(f"{pruning_dir / 'config.yaml'} does not exist: --pruning_dir must be an aptp.prune run")
-    cfg = load_config(pruning_dir / "config.yaml")
+    cfg = load_config(pruning_config(pruning_dir))
     dataset, data_dir = cfg.data.dataset_name, args.data_dir or cfg.data.data_dir
     encoder = info["prompt_encoder"]
     cache_dir = cfg.data.embedding_cache_dir or pruning_dir / "prompt_embeddings"
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             summaries.append(
                 write_assignments(
                     pruning_dir, split, ids, router.num_experts, dataset=dataset, data_dir=str(data_dir),
-                    routing=args.routing, source=table.source, missing=table.missing, prompt_encoder=encoder,
+                    routing=router.routing, source=table.source, missing=table.missing, prompt_encoder=encoder,
                     embeddings=os.fspath(embedding_cache_path(cache_dir, encoder, table.captions)),
                 )
             )  # fmt: skip

@@ -55,6 +55,7 @@ from diffcompress.distributed import DistInfo, barrier, cleanup, resolve_precisi
 from diffcompress.errors import UserError
 from diffcompress.progress import progress_bar
 
+from . import original
 from .assignments import read_expert_rows, read_summary
 from .data import COCO30K_SIZE, REFERENCE_PREPROCESS, CaptionTable, coco30k, load_captions, resize_like_cv2
 from .pipeline import MISSING_EXPERT, APTPPipeline, per_prompt_generators
@@ -134,7 +135,7 @@ def dataset_of(args: argparse.Namespace, summary: dict) -> tuple[str, str]:
     """--dataset_name and --data_dir; by default those filtering read (its summary), else the pruning run's."""
     if "dataset" in summary and "data_dir" in summary:
         data = dict(dataset_name=summary["dataset"], data_dir=summary["data_dir"])
-    elif (config := Path(args.pruning_dir) / "config.yaml").is_file():
+    elif (config := original.run_config(args.pruning_dir)[0]) is not None:  # ours, or the authors' run's
         data = (yaml.safe_load(config.read_text()) or {}).get("data", {})
     else:
         data = {}

@@ -395,6 +395,23 @@ def test_convert_then_filter_calibrate_and_load(world, embeddings, tmp_path, cap
         convert_original.main([str(world["ckpt"]), str(dst)])
 
 
+def test_filter_routes_their_checkpoint_folder_by_their_rule(world, embeddings, tmp_path, capsys):
+    """Filtering reads their checkpoint folder in place (config.yaml one level up; no calibration: their rule, said in
+    a note) and routes in their batches of 2048 whatever --batch_size; it writes both sides' files."""
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    ckpt = run / world["ckpt"].name
+    filter_dataset.main(["--pruning_dir", str(ckpt), "--batch_size", "3"])
+    assert "routing by their rule" in capsys.readouterr().err
+    emb, _ = embeddings
+    want = their_route(emb.double().numpy(), world["hyper"], world["gs"].double().numpy(), world["layout"],
+                       world["order"])  # fmt: skip
+    np.testing.assert_array_equal(assignments.read_expert_ids(ckpt, "train"), want)
+    theirs = torch.load(ckpt / "cc3m_train_mapped_indices.pt", weights_only=True)
+    assert theirs.dtype == torch.int64 and sorted(theirs.tolist()) == sorted(want.tolist())  # their listdir row order
+    assert json.loads((ckpt / "filtered" / "train.json").read_text())["routing"] == "authors"
+
+
 def make_hub_cache(cache, variant_dir, step: int) -> None:
     """The hub cache layout (models--org--name/refs/main, snapshots/<commit>/...) holding a released variant."""
     repo = cache / "models--rezashkv--diffusion_pruning"
