@@ -64,21 +64,6 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def image_folder(folder: str, flag: str) -> list[Path]:
-    """The images directly in ``folder``; a folder of ``.npy`` arrays (the authors' generated or reference sets) is
-    a one-line error, since our metrics read image files."""
-    try:
-        return list_images(folder, flag)
-    except UserError:
-        if not any(Path(folder).glob("*.npy")):
-            raise
-    raise UserError(
-        f"{flag} {folder} holds .npy arrays (the authors' format), and our metrics read image files (PNG/JPG): "
-        "write the images with our scripts/metrics/generate_fid_images.py (PNG), or for the COCO-30k references "
-        "pass the COCO folder instead"
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # FID: the reference the authors' --dataset NAME names
 
@@ -215,7 +200,7 @@ def clip_score_of_folders(
 ) -> tuple[float, int]:
     """The CLIP score (``aptp.metrics.clip_score``) of the images of ``gen_dir`` against the text features of
     ``features_dir``, the i-th image in sorted name order with the i-th feature file; and the number of pairs."""
-    images = sorted(image_folder(gen_dir, "--gen_images_dir"), key=lambda p: p.name)
+    images = sorted(list_images(gen_dir, "--gen_images_dir"), key=lambda p: p.name)
     feature_files, text = read_text_features(features_dir)
     if len(images) != len(feature_files):
         raise UserError(

@@ -63,19 +63,33 @@ def _natural_key(name: str) -> list[int | str]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+NPY = ".npy"  # the authors' image arrays (uint8 [H, W, 3]; clean-fid reads them too)
+
+
+def open_image(path: Path) -> Image.Image:
+    """An image file, or one of the authors' ``.npy`` arrays (uint8 [H, W, 3] or [H, W]), as a PIL image."""
+    if path.suffix.lower() != NPY:
+        return Image.open(path)
+    array = np.load(path, allow_pickle=False)
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))):
+        raise ValueError(f"expected a uint8 [H, W, 3] image array, got {array.dtype} {list(array.shape)}")
+    return Image.fromarray(array.squeeze(2) if array.ndim == 3 and array.shape[2] == 1 else array)
+
+
 def list_images(folder: str | os.PathLike, what: str = "image folder") -> list[Path]:
     """Image files directly in ``folder`` in natural name order (``2.png`` before ``10.png``): the usual image
-    suffixes, and files without a suffix (CC3M's downloader names its images ``<row>_<hash>``)."""
+    suffixes, the authors' ``.npy`` image arrays, and files without a suffix (CC3M's downloader names its images
+    ``<row>_<hash>``)."""
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"{what} {str(root)!r} does not exist or is not a folder")
     files = [
         p
         for p in root.iterdir()
-        if p.is_file() and not p.name.startswith(".") and (p.suffix == "" or p.suffix.lower() in IMG_EXTENSIONS)
+        if p.is_file() and not p.name.startswith(".") and (p.suffix == "" or p.suffix.lower() in (*IMG_EXTENSIONS, NPY))
     ]
     if not files:
-        raise UserError(f"{what} {str(root)!r} has no images ({', '.join(IMG_EXTENSIONS)} or no suffix)")
+        raise UserError(f"{what} {str(root)!r} has no images ({', '.join(IMG_EXTENSIONS)}, {NPY} or no suffix)")
     return sorted(files, key=lambda p: _natural_key(p.name))
 
 
@@ -141,7 +155,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            with Image.open(self.files[i]) as img:
+            with open_image(self.files[i]) as img:
                 return i, self.transform(img.convert("RGB")), ""
         except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError...
             return i, None, f"{type(e).__name__}: {_first_line(e)}"

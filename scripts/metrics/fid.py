@@ -19,8 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `python scripts/metrics/fid.py`
 from aptp.authors_cli import run_stage  # noqa: E402
-from aptp.authors_metrics import append_result, fid_reference_flags, image_folder  # noqa: E402
-from aptp.metrics import FID_MODE  # noqa: E402
+from aptp.authors_metrics import append_result, fid_reference_flags  # noqa: E402
+from aptp.metrics import (
+    FID_MODE,  # noqa: E402
+    list_images,  # noqa: E402
+)
 from diffcompress.cli import run  # noqa: E402
 from diffcompress.errors import UserError  # noqa: E402
 
@@ -45,9 +48,9 @@ def main(argv: list[str] | None = None) -> float:
         raise UserError(f"--mode {args.mode}: only {FID_MODE} is implemented (the mode of the paper's FIDs)")
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num_samples must be positive, got {args.num_samples}")
-    image_folder(args.gen_dir, "--gen_dir")
+    list_images(args.gen_dir, "--gen_dir")
     if args.ref_dir:
-        image_folder(args.ref_dir, "--ref_dir")
+        list_images(args.ref_dir, "--ref_dir")
     reference, described = fid_reference_flags(
         args.dataset, args.coco30k, args.ref_dir, args.ref_stats, args.num_samples
     )
