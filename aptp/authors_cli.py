@@ -27,6 +27,8 @@ import yaml
 
 from diffcompress.errors import UserError
 
+from .config import read_yaml as read_yaml_file
+
 CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
@@ -156,16 +158,7 @@ def override(key: str, value: Any) -> str:
 
 def read_yaml(path: str, flag: str = "--base_config_path") -> dict[str, Any]:
     """A YAML mapping, or one line naming the flag."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"{flag} {path}: no such file")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{flag} {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{flag} {path}: expected a mapping of keys, got {type(data).__name__}")
-    return data
+    return read_yaml_file(path, f"{flag} {path}")
 
 
 def lookup(data: dict[str, Any], key: str) -> Any:

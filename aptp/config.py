@@ -259,19 +259,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping; anything else is one line starting with ``what`` (the file or its flag)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None, cls: type[T] = PruneConfig) -> T:
     """Read the YAML file ``path`` (None: defaults only), apply ``overrides``, build and validate ``cls``."""
-    data: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {str(path)!r} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+    data = {} if path is None else read_yaml(path, f"config file {str(path)!r}")
     if is_authors_schema(data):  # the authors' configs/{pruning,finetuning}/*.yaml
         data = translate(data, finetuning=cls is FinetuneConfig, where=f"config file {str(path)!r}")
     config = from_dict(cls, apply_overrides(data, overrides or []))

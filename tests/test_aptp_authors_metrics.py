@@ -13,7 +13,6 @@ from PIL import Image
 
 from aptp.authors_metrics import clip_source, features_dir_name
 from aptp.data import coco30k
-from aptp.make_tiny import tiny_clip_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -217,31 +216,6 @@ def test_resize_and_save_images(tmp_path, script):
 
 # ---------------------------------------------------------------------------------------------------------------
 # clip_features.py and clip_score.py
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A random CLIPModel (2-layer towers, 16-d projections) and its processor, saved as a model folder."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    tokenizer = tiny_clip_tokenizer()
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    CLIPModel(config).save_pretrained(path)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    return path
 
 
 def projected(out):

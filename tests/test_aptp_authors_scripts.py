@@ -193,7 +193,7 @@ def test_flags_map_onto_ours_and_unused_ones_are_named(world, in_repo, script, m
     result = script("scripts/aptp/prune.py", "--base_config_path", world["configs"]["pruning"])
     assert result.code == 2 and result.last_line == "error: --wandb_run_name is required"
     result = script("scripts/aptp/prune.py", "--base_config_path", "configs/pruning/none.yaml", "--wandb_run_name", "r")
-    assert result.code == 2 and result.last_line == "error: --base_config_path configs/pruning/none.yaml: no such file"
+    assert result.code == 2 and result.last_line == "error: --base_config_path configs/pruning/none.yaml does not exist"
 
 
 @pytest.mark.parametrize("stage", ["filter_dataset", "finetune"])

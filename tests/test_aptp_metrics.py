@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from aptp.evaluate import main
-from aptp.make_tiny import tiny_clip_tokenizer
 from aptp.metrics import (
     FID_MODE,
     clip_image_embeddings,
@@ -57,31 +56,6 @@ def inception_weights(tmp_path_factory):
             torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
     torch.save(net.state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A random CLIPModel with 2-layer towers and its processor, saved as a model folder."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    tokenizer = tiny_clip_tokenizer()
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    CLIPModel(config).save_pretrained(path)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return path
 
 
