@@ -239,7 +239,7 @@ def run_pipeline(args: argparse.Namespace) -> Path:
             tag = pattern_tag(pattern)
             path = runs / f"learned-{tag}" / "pruned.pt"
             summary = run_script("prune_by_learning", [
-                "--model", digits.MODEL, "--groups", pattern, "--load-weight", str(teacher), "--lora",
+                "--model", digits.MODEL, "--groups", pattern, "--load-weight", str(teacher), "--delta-w", "--lora",
                 *train_flags, "--max-steps", str(preset.prune_steps), "--lr", str(preset.prune_lr),
                 "--ema-decay", str(preset.ema_decay), "--global-seed", str(seed), "--results-dir", str(runs),
                 "--prefix", f"learned-{tag}", "--save-model", str(path),

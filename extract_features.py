@@ -10,6 +10,10 @@ ranks never write the same file. Latents are posterior *samples* (as in DiT) who
 (--global-seed, i): the same image gets the same latent on any number of ranks, in any batch, on any re-run.
 Files are written under a temporary name and renamed, the label first; an image counts as done when both
 files exist, and a re-run only encodes what is missing. ``--packed`` also writes ``features.npy`` + ``labels.npy``.
+
+The authors' script parses train.py's flags too: ``--model`` is recorded in the manifest, ``--num-classes``
+(when given) bounds the number of class folders, and ``--results-dir --epochs --global-batch-size --log-every
+--ckpt-every`` are accepted with no effect on extraction (``--batch-size`` sets the images per process).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from diffcompress.vae import LATENT_SCALE, PixelCodec, VAECodec, load_vae
 
 # Must agree between runs for a re-run to resume into the same folder.
 CONFIG_KEYS = ("vae", "image_size", "global_seed", "num_images", "classes")
+NO_EFFECT = ("--results-dir", "--epochs", "--global-batch-size", "--log-every", "--ckpt-every")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--packed", action="store_true", help="also write the packed layout (features.npy + labels.npy)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--num-classes", type=int, default=None, help="when given, the most class folders allowed")
+    g = p.add_argument_group("the authors' training flags, accepted with no effect on extraction")
+    for flag in NO_EFFECT:
+        g.add_argument(flag, default=None)
     return p.parse_args(argv)
 
 
@@ -113,6 +122,13 @@ def main(args: argparse.Namespace) -> Path:
     if args.image_size <= 0 or args.batch_size <= 0 or args.num_workers < 0:
         raise ValueError("--image-size and --batch-size must be positive and --num-workers >= 0")
     index = ImageFolderIndex(args.data_path)
+    if args.num_classes is not None and len(index.classes) > args.num_classes:
+        raise ValueError(
+            f"--data-path {args.data_path} has {len(index.classes)} class folders, more than --num-classes "
+            f"{args.num_classes}"
+        )
+    if info.is_main and (given := [flag for flag in NO_EFFECT if getattr(args, flag[2:].replace("-", "_"))]):
+        print(f"note: {', '.join(given)} have no effect on extraction (accepted for the authors' commands)")
     codec = load_vae(args.vae, info.device)
     if args.image_size % codec.downsample:
         raise ValueError(

@@ -3,6 +3,11 @@
 State-dict keys and shapes are those of the official DiT checkpoints (DiT-XL-2-256x256.pt) and of the
 released TinyDiT checkpoints, so they load unchanged. A prunable model (``groups`` given) adds one
 parameter per group, ``gate_logits.{g}``, holding a logit per keep-pattern of that group.
+
+LoRA (``add_lora``) replaces Linear layers in place by ``LoRALinear``, whose state-dict layout is
+torchtune's, as the authors' pruning runs save it: ``<layer>.weight``, ``<layer>.bias``,
+``<layer>.lora_a.weight`` [rank, in], ``<layer>.lora_b.weight`` [out, rank]. ``from_authors_state_dict``
+renames the authors' gate parameters ``gumbel_gates.{g}`` [1, K] to ours, so their checkpoints load.
 """
 
 from __future__ import annotations
@@ -414,6 +419,107 @@ class DiT(nn.Module):
         return sum(p.numel() for n, p in self.named_parameters() if include_gates or not n.startswith("gate_logits"))
 
 
+# --------------------------------------------------------------------------------------------------
+# LoRA (torchtune's LoRALinear layout) and the authors' pruning-run state dicts
+# --------------------------------------------------------------------------------------------------
+
+
+class LoRALinear(nn.Module):
+    """A Linear layer plus a low-rank update: ``x W^T + b + (alpha / rank) * B(A(x))``.
+
+    The layout and maths of torchtune's ``LoRALinear`` (the authors' choice): the base ``weight`` and
+    ``bias`` stay where the Linear had them, ``lora_a`` (Kaiming-uniform) and ``lora_b`` (zero, so a new
+    adapter changes nothing) are bias-free Linears, no dropout.
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, rank: int, alpha: float):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        self.out_features, self.in_features = weight.shape
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.weight = weight
+        self.bias = bias
+        kw = dict(bias=False, device=weight.device, dtype=weight.dtype)
+        self.lora_a = nn.Linear(self.in_features, self.rank, **kw)
+        self.lora_b = nn.Linear(self.rank, self.out_features, **kw)
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b.weight)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float) -> LoRALinear:
+        """Wrap ``linear``, sharing its weight and bias tensors (nothing is copied)."""
+        return cls(linear.weight, linear.bias, rank, alpha)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + (alpha / rank) * B @ A, computed in fp32 and returned in the weight's dtype."""
+        delta = self.lora_b.weight.float() @ self.lora_a.weight.float()
+        return (self.weight.float() + self.scale * delta).to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.scale * self.lora_b(self.lora_a(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16) -> list[str]:
+    """Replace every nn.Linear of ``model`` (embedders, blocks, final layer) by a LoRALinear in place, as
+    the authors do; return the wrapped layers' names. Layers that already carry an adapter are kept."""
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and ".lora_" not in f".{n}"]
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, LoRALinear.from_linear(getattr(parent, attr), rank, alpha))
+    return names
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapters' parameters (A and B of every LoRALinear)."""
+    return [p for m in lora_layers(model).values() for p in (m.lora_a.weight, m.lora_b.weight)]
+
+
+def plain_weights(model: nn.Module, merge: bool = False) -> dict[str, torch.Tensor]:
+    """The model's state dict under DiT's own keys: LoRA adapters dropped, or folded into the weights."""
+    state = {k: v for k, v in model.state_dict().items() if ".lora_a." not in k and ".lora_b." not in k}
+    if merge:
+        for name, layer in lora_layers(model).items():
+            state[f"{name}.weight"] = layer.merged_weight().detach()
+    return state
+
+
+_AUTHORS_GATE = re.compile(r"gumbel_gates\.(\d+)$")
+_PEFT_LORA = re.compile(r"\.lora_([AB])\.default\.weight$")
+
+
+def from_authors_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A prunable-DiT state dict under our keys, from the authors' pruning runs (or ours).
+
+    Their gates ``gumbel_gates.{g}`` [1, K] (one logit per keep-pattern, patterns in the same
+    lexicographic order as ``keep_patterns``) become ``gate_logits.{g}`` [K]. Their torchtune LoRA keys
+    (``<layer>.lora_a.weight`` / ``lora_b.weight`` beside ``<layer>.weight``) are already ours. Keys of
+    our earlier peft-based runs (``<layer>.base_layer.weight``, ``<layer>.lora_A.default.weight``) are
+    mapped too. Everything else passes unchanged.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if match := _AUTHORS_GATE.match(key):
+            key, value = f"gate_logits.{match.group(1)}", value.reshape(-1)
+        elif match := _PEFT_LORA.search(key):
+            key = key[: match.start()] + f".lora_{match.group(1).lower()}.weight"
+        key = key.replace(".base_layer.", ".")
+        out[key] = value
+    return out
+
+
 def check_kept_indices(kept: Sequence[int], depth: int) -> None:
     """Raise ValueError for an empty list, out-of-range or repeated block indices."""
     if not kept:
@@ -427,11 +533,12 @@ def check_kept_indices(kept: Sequence[int], depth: int) -> None:
 
 
 def pruned_state_dict(state_dict: dict[str, torch.Tensor], kept: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Keep the listed blocks (renumbered 0..k-1, in the given order) and every non-block tensor; drop gates."""
+    """Keep the listed blocks (renumbered 0..k-1, in the given order) and every non-block tensor; drop gates
+    and LoRA adapters (merge them first with ``plain_weights(model, merge=True)`` to keep the update)."""
     new_index = {old: new for new, old in enumerate(kept)}
     out = {}
     for key, value in state_dict.items():
-        if key.startswith("gate_logits"):
+        if key.startswith("gate_logits") or ".lora_a." in key or ".lora_b." in key:
             continue
         match = re.match(r"blocks\.(\d+)\.(.*)", key)
         if match is None:

@@ -1,21 +1,31 @@
 """Depth-prune a DiT by a fixed choice of blocks: an explicit list, the BK-SDM oracle, or a random N:M pattern.
 
+    python prune_by_index.py --model DiT-XL/2 --ckpt pretrained/DiT-XL-2-256x256.pt \
+        --save-model outputs/pruned/DiT-D14-Oracle.pt \
+        --kept-indices "[0, 2, 4, 6, 8, 10, 12, 14, 17, 19, 21, 23, 25, 27]"   # the TinyFusion README's Oracle
+    python prune_by_index.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --kept-indices paper-oracle \
+        --save-model pruned/oracle-D14.pt                    # the same list by name
     python prune_by_index.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --kept-indices oracle \
-        --save-model pruned/oracle-D14.pt                    # [0,2,4,6,8,10,12,15,17,19,21,23,25,27]
-    python prune_by_index.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --kept-indices "[0,2,4,...]" \
-        --save-model pruned/custom.pt
+        --save-model pruned/bk-sdm-D14.pt                    # [0,2,4,6,8,10,12,15,17,19,21,23,25,27]
     python prune_by_index.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --kept-indices random --groups 2:4 \
         --seed 3 --save-model pruned/random-2-4.pt
 
 --kept-indices:
-  a list      "[0,2,4]", "0,2,4" or "0 2 4": the blocks to keep (sorted; blocks keep their order).
-  oracle      the k = --target-depth (default: half the depth) blocks evenly spaced from the first to the
-              last, block round((D - 1) * i / (k - 1)) for i = 0..k-1, halves rounded up. For 28 -> 14 this is
-              exactly BK-SDM's list above, the "Oracle" row of TinyFusion; needs 2 <= k < D.
-  random      for every group of --groups (default "1:2", tiling the depth), one of its C(M, N) keep-patterns,
-              uniformly at random from --seed.
+  a list        "[0,2,4]", "0,2,4" or "0 2 4": the blocks to keep (sorted; blocks keep their order).
+  oracle        BK-SDM's rule: the k = --target-depth (default: half the depth) blocks evenly spaced from the
+                first to the last, block round((D - 1) * i / (k - 1)) for i = 0..k-1, halves rounded up. For
+                28 -> 14 this gives [0,2,4,6,8,10,12,15,17,19,21,23,25,27]; any 2 <= k < D.
+  paper-oracle  the list of the TinyFusion README's Oracle command (the paper's Oracle row), 28 -> 14 only:
+                [0,2,4,6,8,10,12,14,17,19,21,23,25,27]. It differs from `oracle` in one block (14, not 15).
+  random        for every group of --groups (default "1:2", tiling the depth), one of its C(M, N) keep-patterns,
+                uniformly at random from --seed.
 The output is a plain state dict of the kept blocks renumbered 0..k-1 (the original repositories load it),
 with the kept indices, source model and method in ``<file>.json``; fine-tune it with train.py.
+
+The authors' script parses their sampling and calibration flags too (``--data-path --vae --cfg-scale
+--num-sampling-steps --pruner --nsamples --batch-size``): accepted here, with no effect on a fixed choice of
+blocks. ``--image-size`` (256) and ``--num-classes`` (1000), when given, are checked against the checkpoint;
+otherwise both are read from it.
 """
 
 from __future__ import annotations
@@ -28,10 +38,14 @@ import numpy as np
 
 from diffcompress.checkpoint import infer_dit_config, load_dit_weights, load_state_dict, model_hint, save_pruned
 from diffcompress.cli import run
+from diffcompress.downloads import resolve_checkpoint
 from models_with_layer_pruning import DiT_models, Groups, check_kept_indices, create_model, keep_patterns, parse_groups
 
 PLAIN_MODELS = [name for name, build in DiT_models.items() if build.arch["groups"] is None]
 BK_SDM_D14 = [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27]  # what oracle_indices(28, 14) returns
+PAPER_ORACLE_D14 = [0, 2, 4, 6, 8, 10, 12, 14, 17, 19, 21, 23, 25, 27]  # the TinyFusion README's Oracle command
+# The authors' flags that do not bear on a fixed choice of blocks: accepted, noted when given.
+NO_EFFECT = ("--data-path", "--vae", "--cfg-scale", "--num-sampling-steps", "--pruner", "--nsamples", "--batch-size")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,11 +53,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", choices=PLAIN_MODELS, default="DiT-XL/2", help="the source model's registry name")
     p.add_argument("--ckpt", required=True, help="source weights (state dict, training checkpoint or safetensors)")
     p.add_argument("--no-ema", action="store_true", help="use 'model' instead of 'ema' from a training checkpoint")
-    p.add_argument("--kept-indices", required=True, help="a list like '[0,2,4]' or '0,2,4' | oracle | random")
+    p.add_argument("--kept-indices", required=True,
+                   help="a list like '[0,2,4]' or '0,2,4' | oracle | paper-oracle | random")  # fmt: skip
     p.add_argument("--target-depth", type=int, default=None, help="oracle: blocks to keep (default: depth // 2)")
     p.add_argument("--groups", default="1:2", help="random: N:M groups, e.g. '1:2' (tiled), '2:4,2:4' or '[[1,2]]'")
     p.add_argument("--seed", type=int, default=0, help="random: seeds the choice of patterns")
     p.add_argument("--save-model", default=None, help="output path of the pruned state dict (.pt or .safetensors)")
+    p.add_argument("--image-size", type=int, default=None, help="checked against the checkpoint when given (256)")
+    p.add_argument("--num-classes", type=int, default=None, help="checked against the checkpoint when given (1000)")
+    g = p.add_argument_group("the authors' flags with no effect on a fixed choice of blocks")
+    for flag in NO_EFFECT:
+        g.add_argument(flag, default=None)
     return p.parse_args(argv)
 
 
@@ -63,7 +83,7 @@ def parse_index_list(text: str) -> list[int]:
     if not kept:
         raise ValueError(
             f"--kept-indices {text!r} is not a list of block indices: expected e.g. '[0,2,4]' or '0,2,4', "
-            f"or 'oracle' or 'random'"
+            f"or 'oracle', 'paper-oracle' or 'random'"
         )
     return kept
 
@@ -97,6 +117,11 @@ def select_indices(args: argparse.Namespace, depth: int) -> tuple[list[int], str
     groups = None
     if spec == "oracle":
         kept, method = oracle_indices(depth, depth // 2 if args.target_depth is None else args.target_depth), "oracle"
+    elif spec == "paper-oracle":
+        if depth != len(BK_SDM_D14) * 2:
+            raise ValueError(f"--kept-indices paper-oracle is the README's list for 28 -> 14 blocks, not for a model "
+                             f"of depth {depth}: use oracle")  # fmt: skip
+        kept, method = list(PAPER_ORACLE_D14), "paper-oracle"
     elif spec == "random":
         groups = parse_groups(args.groups, depth)
         kept, method = random_indices(groups, args.seed), "random"
@@ -122,11 +147,20 @@ def select_indices(args: argparse.Namespace, depth: int) -> tuple[list[int], str
 
 def main(args: argparse.Namespace) -> list[int]:
     kept, method, groups = select_indices(args, DiT_models[args.model].arch["depth"])  # fail fast, before loading
+    if changed := [flag for flag in NO_EFFECT if getattr(args, flag[2:].replace("-", "_")) is not None]:
+        print(f"note: {', '.join(changed)} have no effect on pruning by index (accepted for the authors' commands)")
+    args.ckpt = resolve_checkpoint(args.ckpt)  # a released name (downloaded once) or a run folder's prefix
     state_dict = load_state_dict(args.ckpt, use_ema=not args.no_ema)
     cfg = infer_dit_config(state_dict)
+    latent, classes = cfg["input_size"], cfg["num_embeddings"] - 1
+    if args.image_size is not None and args.image_size not in (latent, latent * 8):
+        raise ValueError(f"--image-size {args.image_size} does not fit {args.ckpt}: its model takes {latent}x{latent} "
+                         f"inputs (images of {latent * 8} through the VAE, or {latent} pixels)")  # fmt: skip
+    if args.num_classes is not None and args.num_classes != classes:
+        raise ValueError(f"--num-classes {args.num_classes} does not fit {args.ckpt}: its model has {classes} classes")
     model = create_model(
         args.model, input_size=cfg["input_size"], in_channels=cfg["in_channels"], learn_sigma=cfg["learn_sigma"],
-        num_classes=cfg["num_embeddings"] - 1,  # DiT trains with label dropout: the last row is the null class
+        num_classes=classes,  # DiT trains with label dropout: the last row of the table is the null class
     )  # fmt: skip
     load_dit_weights(model, state_dict)  # strict; a wrong --model gets a one-line error naming the right one
     shallow = model.pruned(kept)

@@ -5,30 +5,54 @@ that estimates how well the pruned model will recover.
         --data-path features --epochs 1 --global-batch-size 128 --delta-w --lora --save-model pruned/D14.pt
     python prune_by_learning.py --model DiT-XL/2 --groups "[[2,4],[2,4],[3,4],[2,4],[3,4],[2,4],[2,4]]" ...
 
-Writes the kept blocks' original weights (``--merge-weights``: with the learned update folded in) as a
-plain state dict for the shallow model, ``<file>.json`` with the kept indices and groups, and in the
-experiment folder ``decisions.json`` and ``decisions.png`` (the decision of every group over training).
+What is trained, as in the authors' script:
+
+    (no flag)            the gate logits only, on the frozen model
+    --lora               the gate logits only as well: --lora chooses the form of the update, --delta-w
+                         turns it on (the script prints what it trains)
+    --delta-w            the gates and every other parameter of the model (embedders, blocks, final
+                         layer; not the fixed pos_embed)
+    --delta-w --lora     the gates and LoRA adapters (rank 8, alpha 16, torchtune's layout) on every
+                         Linear of the model: 6,001,920 adapter parameters for DiT-XL/2
+                         (until this version ours took --lora alone to mean this and put adapters on the
+                         blocks' Linears only: 5,935,104)
+
+Gate logits train at 10x the weights' lr. ``--load-weight`` takes a dense DiT, or a pruning checkpoint of
+ours or of the authors' code (their ``gumbel_gates.{g}`` and torchtune ``lora_a``/``lora_b`` keys; the
+``ema`` entry of a training checkpoint), so a run started there continues or finishes here (the optimiser
+state starts fresh). Writes the kept blocks' original weights (``--merge-weights``: with the learned update
+folded in) as a plain state dict for the shallow model, ``<file>.json`` with the kept indices and groups,
+and in the experiment folder ``decisions.json`` and ``decisions.png`` (the decision of every group over
+training).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
 import torch
 
-from diffcompress.checkpoint import load_dit_weights, save_pruned
+from diffcompress.checkpoint import load_dit_weights, load_state_dict, save_pruned, select_state_dict
 from diffcompress.cli import run
 from diffcompress.data import open_features
 from diffcompress.distributed import DistInfo, cleanup, seed_everything, setup_distributed
+from diffcompress.downloads import resolve_checkpoint
+from diffcompress.errors import UserError
 from diffcompress.trainer import add_training_args, diffusion_objective, experiment_dir, total_steps, train
 from diffusion import create_diffusion
-from models_with_layer_pruning import DiT, DiT_models, create_model, pruned_state_dict
-
-# Every Linear inside the transformer blocks: the update estimates the recoverability of the blocks.
-LORA_TARGETS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|adaLN_modulation\.1)"
+from models_with_layer_pruning import (
+    DiT,
+    DiT_models,
+    add_lora,
+    create_model,
+    from_authors_state_dict,
+    lora_layers,
+    lora_parameters,
+    plain_weights,
+    pruned_state_dict,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,8 +63,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-path", required=True, help="extracted features (either layout of extract_features.py)")
     p.add_argument("--image-size", type=int, default=None, help="checked against the features (latents = size / 8)")
     p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--delta-w", action="store_true", help="also learn a weight update (recoverability estimate)")
-    p.add_argument("--lora", action="store_true", help="learn the update as LoRA (implies --delta-w)")
+    p.add_argument("--vae", choices=["ema", "mse"], default="ema",
+                   help="the VAE the features came from (recorded; the two share one encoder, so, as in the authors' "
+                   "script, the choice does not change pruning)")  # fmt: skip
+    p.add_argument("--delta-w", action="store_true",
+                   help="also learn a weight update (recoverability estimate): every parameter but the gates, or "
+                   "LoRA with --lora")  # fmt: skip
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="the update of --delta-w is LoRA on every Linear; without --delta-w only the gates train",
+    )
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument("--merge-weights", action="store_true", help="save kept blocks with the learned update folded in")
@@ -50,25 +83,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-model", default=None, help="output path (default: <experiment folder>/pruned.pt)")
     add_training_args(p, lr=1e-4, lr_min=1e-4, ema_decay=0.999, global_batch_size=128, schedule="constant")
     p.set_defaults(prefix="prune")
-    args = p.parse_args(argv)
-    args.delta_w = args.delta_w or args.lora
-    return args
+    return p.parse_args(argv)
+
+
+def update_kind(args: argparse.Namespace) -> str:
+    """What the weight update is: 'lora' (--delta-w --lora), 'full' (--delta-w) or 'none'."""
+    return ("lora" if args.lora else "full") if args.delta_w else "none"
 
 
 def configure_trainable(model: DiT, args: argparse.Namespace) -> tuple[DiT, list[dict]]:
-    """Freeze everything but the gates and the requested update; return the model and optimiser groups."""
+    """Freeze everything but the gates and the requested update (see the module docstring); return the
+    model (with LoRA adapters on every Linear for --delta-w --lora) and the optimiser groups."""
     if not model.prunable:
         raise ValueError(f"--model {args.model} has no pruning groups: pick e.g. DiT-XL-1-2 or pass --groups")
+    kind = update_kind(args)
+    if kind == "lora" and not lora_layers(model):
+        add_lora(model, args.lora_rank, args.lora_alpha)
+    elif kind != "lora" and lora_layers(model):
+        raise UserError("the model carries LoRA adapters (from --load-weight): pass --delta-w --lora to train them")
     model.requires_grad_(False)
-    if args.lora:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=LORA_TARGETS)
-        model = inject_adapter_in_model(config, model)
-        model.requires_grad_(False)
-        weights = [p for n, p in model.named_parameters() if "lora_" in n]
-    elif args.delta_w:
-        weights = [p for n, p in model.named_parameters() if n.startswith("blocks.")]
+    if kind == "lora":
+        weights = lora_parameters(model)
+    elif kind == "full":  # every parameter but the gates; pos_embed is a fixed sin-cos table
+        weights = [p for n, p in model.named_parameters() if not n.startswith("gate_logits") and n != "pos_embed"]
     else:
         weights = []
     gates = list(model.gate_logits)
@@ -76,20 +113,59 @@ def configure_trainable(model: DiT, args: argparse.Namespace) -> tuple[DiT, list
         p.requires_grad_(True)
     groups = [{"params": gates, "lr": args.lr * args.gate_lr_mult, "name": "gates"}]
     if weights:
-        groups.append({"params": weights, "lr": args.lr, "name": "lora" if args.lora else "delta_w"})
+        groups.append({"params": weights, "lr": args.lr, "name": "lora" if kind == "lora" else "delta_w"})
     return model, groups
+
+
+def describe_trainable(model: DiT, groups: list[dict], args: argparse.Namespace) -> str:
+    """One line saying what the run trains, at which lr."""
+    gates = groups[0]
+    parts = [f"the gate logits ({len(gates['params'])} groups, {sum(p.numel() for p in gates['params'])} logits, "
+             f"lr {gates['lr']:g})"]  # fmt: skip
+    kind = update_kind(args)
+    if kind == "lora":
+        layers = lora_layers(model)
+        n = sum(p.numel() for p in lora_parameters(model))
+        layer = next(iter(layers.values()))
+        parts.append(f"LoRA rank {layer.rank} alpha {layer.alpha:g} on all {len(layers)} Linear layers ({n:,} "
+                     f"parameters, lr {groups[1]['lr']:g})")  # fmt: skip
+    elif kind == "full":
+        n = sum(p.numel() for p in groups[1]["params"])
+        parts.append(f"every other parameter ({n:,}, lr {groups[1]['lr']:g})")
+    text = "trains " + " and ".join(parts)
+    if kind == "none":
+        text += " only; the weights stay frozen"
+        if args.lora:
+            text += " (--lora without --delta-w, as in the authors' script: add --delta-w to learn the LoRA update)"
+    return text
+
+
+def load_start_weights(model: DiT, source, args: argparse.Namespace) -> None:
+    """Load ``--load-weight`` into the prunable ``model``: a dense DiT (the gates keep their initial logits,
+    adapters start at zero), or a pruning checkpoint of ours or of the authors' code (gates and LoRA
+    adapters too; a training checkpoint's ``ema`` entry). Call after ``configure_trainable``."""
+    name = f"--load-weight {source}" if not isinstance(source, dict) else "--load-weight"
+    state = select_state_dict(source, source=name) if isinstance(source, dict) else load_state_dict(source)
+    state = from_authors_state_dict(state)
+    adapters = {k for k in state if ".lora_a." in k or ".lora_b." in k}
+    layers = lora_layers(model)
+    if adapters and not layers:
+        trained = [k for k in adapters if ".lora_b." in k and state[k].abs().max() > 0]
+        if trained:
+            raise UserError(f"{name} holds trained LoRA adapters: pass --delta-w --lora to continue them")
+        state = {k: v for k, v in state.items() if k not in adapters}  # all B = 0: the adapters change nothing
+    for layer_name, layer in layers.items():
+        a = state.get(f"{layer_name}.lora_a.weight")
+        if a is not None and a.shape[0] != layer.rank:
+            raise UserError(f"{name} has LoRA rank {a.shape[0]}: pass --lora-rank {a.shape[0]}")
+    own = model.state_dict()  # adapters and gates the file lacks keep their fresh values
+    fresh = {k: v for k, v in own.items() if k not in state and (k.startswith("gate_logits") or ".lora_" in k)}
+    load_dit_weights(model, {**state, **fresh}, use_ema=True)
 
 
 def plain_state_dict(model: DiT, merge: bool) -> dict[str, torch.Tensor]:
     """The model's weights under DiT's own keys: LoRA adapters merged in (``merge``) or dropped."""
-    from peft.tuners.lora import LoraLayer
-
-    if merge and any(isinstance(m, LoraLayer) for m in model.modules()):
-        model = copy.deepcopy(model)
-        for m in model.modules():
-            if isinstance(m, LoraLayer):
-                m.merge()
-    return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    return plain_weights(model, merge)
 
 
 def lerp(pair: list[float], progress: float) -> float:
@@ -112,10 +188,12 @@ def pruning_objective(args: argparse.Namespace, max_steps: int):
 def learn_pruning(args: argparse.Namespace, info: DistInfo, model: DiT, dataset) -> dict:
     """Train the gates (and update) of a prunable ``model``; save the shallow model; return the summary."""
     source_depth, groups = model.depth, model.groups
-    params_before = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("gate_logits"))
-    keep_original = args.delta_w and not args.lora and not args.merge_weights
+    params_before = sum(v.numel() for k, v in plain_weights(model).items() if not k.startswith("gate_logits"))
+    keep_original = update_kind(args) == "full" and not args.merge_weights
     original = {k: v.detach().clone() for k, v in model.state_dict().items()} if keep_original else None
     model, param_groups = configure_trainable(model, args)
+    if info.is_main:
+        print(f"prune_by_learning {describe_trainable(model, param_groups, args)}")
     max_steps = total_steps(args, len(dataset))
     history: list[dict] = []
 
@@ -145,8 +223,8 @@ def learn_pruning(args: argparse.Namespace, info: DistInfo, model: DiT, dataset)
                    preempted=result.preempted, output=str(out))  # fmt: skip
     if info.is_main and not result.preempted:
         save_pruned(shallow, out, kept, source_model=args.model, groups=groups, method="learned",
-                    update="lora" if args.lora else "full" if args.delta_w else "none", merged=args.merge_weights,
-                    load_weight=args.load_weight, confidence=summary["confidence"])  # fmt: skip
+                    update=update_kind(args), merged=args.merge_weights, load_weight=args.load_weight,
+                    vae=args.vae, confidence=summary["confidence"])  # fmt: skip
         exp = experiment_dir(args)
         (exp / "decisions.json").write_text(json.dumps({"groups": groups, "history": history}, indent=1) + "\n")
         plot_decisions(history, source_depth, exp / "decisions.png")
@@ -189,14 +267,16 @@ def plot_decisions(history: list[dict], depth: int, path: Path) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     info = setup_distributed(args.device)
+    args.load_weight = resolve_checkpoint(args.load_weight, "--load-weight")  # a released name or run prefix
     seed_everything(args.global_seed, info.rank, info.world_size)
     dataset = open_features(args.data_path, args.image_size, args.num_classes)
     channels, latent, _ = dataset.latent_shape
     model = create_model(
         args.model, groups=args.groups, input_size=latent, num_classes=args.num_classes, in_channels=channels
     )
+    model, _ = configure_trainable(model, args)  # adds the adapters first, so a file's adapters load into them
     if args.load_weight:
-        load_dit_weights(model, args.load_weight)
+        load_start_weights(model, args.load_weight, args)
     try:
         return learn_pruning(args, info, model, dataset)
     finally:

@@ -1,9 +1,9 @@
 """Depth-prune a DiT by block influence (ShortGPT's BI): drop the blocks that change their input the least.
 
+    python prune_by_score.py --model DiT-XL/2 --ckpt pretrained/DiT-XL-2-256x256.pt \
+        --save-model outputs/pruned/DiT-D14-Score.pt --n-pruned 14   # the TinyFusion README: data/imagenet/train
     python prune_by_score.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --data-path features/ \
-        --n-pruned 14 --save-model pruned/bi-D14.pt
-    python prune_by_score.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --data-path /data/imagenet/train \
-        --vae ema --n-pruned 14 --save-model pruned/bi-D14.pt            # images, encoded on the fly
+        --n-pruned 14 --save-model pruned/bi-D14.pt                  # extracted features: no VAE needed
     python prune_by_score.py ... --legacy-bi                               # the TinyFusion authors' inputs
 
 BI of block i = 1 - cos(input, output), the cosine over the hidden dimension, averaged over every token of
@@ -12,8 +12,10 @@ blocks with the lowest BI go; the last block always stays. Calibration inputs ar
 x_t = q_sample(x_0, t) with t uniform over the model's 1000 steps. ``--legacy-bi`` reproduces the paper's
 ShortGPT row instead: the authors fed CLEAN latents x_0 with t uniform in [0, 250).
 
-``--data-path`` takes extracted features (either layout of extract_features.py; view 0, the un-flipped
-image) or an image class-folder tree, center-cropped to ``--image-size`` and encoded through ``--vae``.
+``--data-path`` (default ``data/imagenet/train``, as the authors') takes an image class-folder tree,
+center-cropped to ``--image-size`` (256) and encoded through ``--vae`` (ema), or extracted features (either
+layout of extract_features.py; view 0, the un-flipped image). ``--cfg-scale`` and ``--num-sampling-steps``
+are accepted for the authors' commands and have no effect: scoring runs one forward pass per sample.
 The output is a plain state dict of the kept blocks (renumbered) with the kept indices, the scores and the
 source model in ``<file>.json``; fine-tune it with train.py.
 """
@@ -34,6 +36,7 @@ from torch.utils.data import DataLoader
 from diffcompress.checkpoint import load_dit_weights, model_hint, save_pruned
 from diffcompress.cli import run
 from diffcompress.data import CroppedImages, FeatureDataset, ImageFolderIndex, collate_images
+from diffcompress.downloads import resolve_checkpoint
 from diffcompress.errors import UserError
 from diffcompress.progress import progress_bar
 from diffcompress.vae import load_vae
@@ -41,6 +44,8 @@ from diffusion import create_diffusion
 from models_with_layer_pruning import DiT, DiT_models, create_model
 
 PLAIN_MODELS = [name for name, build in DiT_models.items() if build.arch["groups"] is None]
+DEFAULT_DATA_PATH = "data/imagenet/train"  # the authors' default
+DEFAULT_IMAGE_SIZE = 256
 LEGACY_T_MAX = 250  # the authors' script drew t from [0, 250) on a model trained over 1000 steps
 
 
@@ -49,14 +54,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", choices=PLAIN_MODELS, default="DiT-XL/2", help="the source model's registry name")
     p.add_argument("--ckpt", default=None, help="source weights (state dict, training checkpoint or safetensors)")
     p.add_argument("--no-ema", action="store_true", help="use 'model' instead of 'ema' from a training checkpoint")
-    p.add_argument("--data-path", required=True, help="extracted features, or an image folder <path>/<class>/<images>")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="images: crop size (default 256); features: only checked against the latents")  # fmt: skip
+    p.add_argument(
+        "--data-path",
+        default=DEFAULT_DATA_PATH,
+        help=f"an image folder <path>/<class>/<images>, or extracted features (default {DEFAULT_DATA_PATH})",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="images: crop size (default 256); features: checked against the latents when given",
+    )
     p.add_argument("--vae", default="ema", help="images only: ema | mse | a local diffusers VAE folder | none")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--nsamples", type=int, default=128, help="calibration samples (a seeded random subset)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=2, help="images only: data loader workers")
+    p.add_argument(
+        "--pruner",
+        default="bi",
+        choices=["bi", "shortgpt"],
+        help="the block score: ShortGPT's block influence (bi and shortgpt name the same score)",
+    )
+    p.add_argument("--cfg-scale", type=float, default=None, help="accepted for the authors' commands; no effect")
+    p.add_argument(
+        "--num-sampling-steps",
+        type=int,
+        default=None,
+        help="accepted for the authors' commands; no effect (scoring samples nothing)",
+    )
     p.add_argument("--n-pruned", type=int, required=True, help="how many blocks to remove")
     p.add_argument("--legacy-bi", action="store_true",
                    help=f"the authors' inputs: clean latents with t uniform in [0, {LEGACY_T_MAX})")  # fmt: skip
@@ -110,7 +136,7 @@ def image_calibration(args: argparse.Namespace, generator: torch.Generator, devi
             f"{args.data_path} has {len(index.classes)} class folders, more than --num-classes {args.num_classes}"
         )
     codec = load_vae(args.vae, device)
-    size = args.image_size or 256
+    size = args.image_size or DEFAULT_IMAGE_SIZE
     if size % codec.downsample:
         raise ValueError(f"--image-size {size} must be a multiple of the VAE's factor {codec.downsample}")
     latent = size // codec.downsample
@@ -238,6 +264,7 @@ class ScoreResult:
 def main(args: argparse.Namespace) -> ScoreResult:
     if not args.ckpt:
         raise UserError("--ckpt is required: the block scores of a randomly initialised model mean nothing")
+    args.ckpt = resolve_checkpoint(args.ckpt)  # a released name (downloaded once) or a run folder's prefix
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("prune_by_score.py runs as one process: start it with python, not torchrun")
     if args.batch_size <= 0:
@@ -248,7 +275,14 @@ def main(args: argparse.Namespace) -> ScoreResult:
     device = torch.device(want)
     data_path = Path(args.data_path)
     if not data_path.is_dir():
-        raise FileNotFoundError(f"--data-path {args.data_path!r} is not a folder")
+        default = " (the default)" if args.data_path == DEFAULT_DATA_PATH else ""
+        raise UserError(
+            f"--data-path {args.data_path}{default} is not a folder: pass --data-path with an ImageNet-style folder "
+            f"(<path>/<class>/<images>) or the features written by extract_features.py"
+        )
+    given = (("--cfg-scale", args.cfg_scale), ("--num-sampling-steps", args.num_sampling_steps))
+    if unused := [flag for flag, value in given if value is not None]:
+        print(f"note: {' and '.join(unused)} have no effect on block scores (one forward pass per sample)")
     depth = DiT_models[args.model].arch["depth"]
     select_blocks([0.0] * depth, args.n_pruned)  # a bad --n-pruned fails before any work
 

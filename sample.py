@@ -1,8 +1,10 @@
 """Sample a grid of images from a DiT (plain or pruned) and save it as a PNG.
 
-python sample.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --vae ema --image-size 256
+python sample.py --model DiT-XL/2 --image-size 256   # DiT-XL-2-256x256.pt: pretrained_models/, else downloaded
 python sample.py --model DiT-D14/2 --ckpt TinyDiT-D14-MaskedKD-500K.pt --vae ema
-python sample.py --model DiT-S/2 --image-size 32 --vae none --num-classes 10   # random weights, pixels
+python sample.py --model DiT-S/2 --image-size 32 --vae none --num-classes 10 --random-init   # random weights, pixels
+
+Sampling runs in fp32 with TF32 matmuls on CUDA, as DiT's scripts (--no-tf32, --precision bf16 to change it).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from pathlib import Path
 import torch
 
 from diffcompress.cli import run
-from diffcompress.distributed import resolve_precision, setup_distributed
-from diffcompress.sampling import add_sampling_args, load_model_and_codec, sample_latents, save_grid
+from diffcompress.distributed import setup_distributed
+from diffcompress.sampling import add_sampling_args, apply_precision, load_model_and_codec, sample_latents, save_grid
 
 DEFAULT_IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 
@@ -47,7 +49,7 @@ def parse_labels(text: str | None, num_classes: int) -> list[int]:
 @torch.no_grad()
 def main(args: argparse.Namespace) -> Path:
     info = setup_distributed(args.device)
-    device, precision = info.device, resolve_precision(args.precision, info.device)
+    device, (precision, tf32) = info.device, apply_precision(args, info.device)
     model, codec, latent_size = load_model_and_codec(args, device)
     labels = parse_labels(args.class_labels, args.num_classes)
     n = len(labels)
@@ -60,7 +62,9 @@ def main(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(images, out, nrow=min(n, 4))
-    print(f"sampled {n} images with {args.num_sampling_steps} {args.sampler} steps in {elapsed:.1f}s; wrote {out}")
+    how = f"{precision}{' with TF32 matmuls' if tf32 else ''}"
+    print(f"sampled {n} images with {args.num_sampling_steps} {args.sampler} steps in {how} in {elapsed:.1f}s; "
+          f"wrote {out}")  # fmt: skip
     return out
 
 

@@ -7,7 +7,9 @@
 Image i gets its label and its starting noise from (--global-seed, i) alone, so the result does not
 depend on the number of processes or the batch size, and a re-run (after a crash or with more GPUs)
 only makes the missing PNGs. Rank r makes the missing indices r, r+W, ...; rank 0 then writes
-``<folder>.npz`` with ``arr_0`` uint8 [N, H, W, 3] in index order and ``labels`` [N].
+``<folder>.npz`` with ``arr_0`` uint8 [N, H, W, 3] in index order, ``labels`` [N], and the sampling ``precision``
+(fp32 by default, as DiT's script; ``--precision bf16`` when asked) and ``tf32`` (TF32 matmuls: on CUDA unless
+``--no-tf32``) as 0-d arrays.
 
 ``<folder>/run.json`` records the checkpoint (path, size, modification time) and the settings; a re-run
 whose checkpoint or settings differ is refused instead of mixing two models' images (the folder is named
@@ -27,10 +29,10 @@ from PIL import Image
 
 from diffcompress.checkpoint import write_json_atomic
 from diffcompress.cli import run
-from diffcompress.distributed import barrier, cleanup, resolve_precision, setup_distributed
+from diffcompress.distributed import barrier, cleanup, setup_distributed
 from diffcompress.errors import UserError
 from diffcompress.progress import progress_bar
-from diffcompress.sampling import add_sampling_args, load_model_and_codec, sample_latents, to_uint8
+from diffcompress.sampling import add_sampling_args, apply_precision, load_model_and_codec, sample_latents, to_uint8
 
 # Flags that change how the images are made, not which images: a re-run may change them.
 RUN_FREE_FLAGS = ("num_fid_samples", "per_proc_batch_size", "sample_dir", "device")
@@ -58,14 +60,19 @@ def label_of(index: int, args: argparse.Namespace) -> int:
 
 
 def folder_name(args: argparse.Namespace) -> str:
+    """DiT's sample folder name; a sampler other than DiT's 250 DDPM steps is named before the seed."""
     ckpt = Path(args.ckpt).stem if args.ckpt else "random"
+    steps = args.num_sampling_steps
+    sampler = "" if (args.sampler, steps) == ("ddpm", 250) else f"-{args.sampler}{steps}"
     return (f"{args.model.replace('/', '-')}-{ckpt}-size-{args.image_size}-vae-{Path(args.vae).name}-"
-            f"cfg-{args.cfg_scale}-{args.sampler}{args.num_sampling_steps}-seed-{args.global_seed}")  # fmt: skip
+            f"cfg-{args.cfg_scale}{sampler}-seed-{args.global_seed}")  # fmt: skip
 
 
-def run_record(args: argparse.Namespace) -> dict:
-    """What decides the images: every other flag, and the checkpoint's identity (hashing gigabytes would be slow)."""
+def run_record(args: argparse.Namespace, precision: str, tf32: bool) -> dict:
+    """What decides the images: every other flag (precision and TF32 as chosen for the device, not as asked), and the
+    checkpoint's identity (hashing gigabytes would be slow)."""
     record = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_FREE_FLAGS}
+    record.update(precision=precision, tf32=tf32)
     if args.ckpt and Path(args.ckpt).is_file():
         stat = Path(args.ckpt).stat()
         record["ckpt"] = {"path": str(Path(args.ckpt).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -89,11 +96,11 @@ def main(args: argparse.Namespace) -> Path:
     if args.num_fid_samples <= 0 or args.per_proc_batch_size <= 0:
         raise ValueError("--num-fid-samples and --per-proc-batch-size must be positive")
     info = setup_distributed(args.device)
-    device, precision = info.device, resolve_precision(args.precision, info.device)
+    device, (precision, tf32) = info.device, apply_precision(args, info.device)
     model, codec, latent = load_model_and_codec(args, device)
     folder = Path(args.sample_dir) / folder_name(args)
     folder.mkdir(parents=True, exist_ok=True)
-    record = run_record(args)
+    record = run_record(args, precision, tf32)
     check_same_run(folder, record)  # every rank checks before rank 0 may write the record
     barrier()
     if info.is_main:
@@ -120,9 +127,10 @@ def main(args: argparse.Namespace) -> Path:
                         progress_bar(range(args.num_fid_samples), desc="npz")])  # fmt: skip
         labels = np.array([label_of(i, args) for i in range(args.num_fid_samples)], dtype=np.int64)
         tmp = out.with_name(f".{out.name}.tmp.npz")
-        np.savez(tmp, arr_0=arr, labels=labels)
+        np.savez(tmp, arr_0=arr, labels=labels, precision=np.array(precision), tf32=np.array(tf32))
         os.replace(tmp, out)
-        print(f"wrote {out} (arr_0 {arr.shape} uint8 in index order, labels) from the PNGs in {folder}")
+        print(f"wrote {out} (arr_0 {arr.shape} uint8 in index order, labels; sampled in {precision}"
+              f"{', TF32 matmuls' if tf32 else ''}) from the PNGs in {folder}")  # fmt: skip
     barrier()
     cleanup()
     return out

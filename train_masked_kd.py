@@ -4,11 +4,23 @@
         --teacher DiT-XL/2 --load-teacher DiT-XL-2-256x256.pt --data-path features --max-steps 100000
 
 loss = alpha * (MSE(eps_s, eps_t) + VB-KD) + (1 - alpha) * (MSE(eps_s, noise) + VB) + beta * feature loss.
-VB-KD is the KL between the teacher's and the student's Gaussians for x_{t-1}, with the student mean
+VB-KD is DiT's VB term with the teacher's p(x_{t-1} | x_t) in place of the true posterior, as in the
+authors' code: for t > 0 the KL between the teacher's and the student's Gaussians for x_{t-1}, at t = 0
+the decoder NLL of x_0 under the student's Gaussian (the same value as VB there); the student mean is
 detached (it trains the variance channels). The feature loss compares paired block outputs after
 zeroing, per sample and separately for student and teacher, the positions at least ``--mask-std``
 standard deviations from the mean: DiT has a few huge activations that make plain feature KD diverge.
-beta decays linearly from ``--beta-feat`` to 0 over training.
+
+beta decays linearly from ``--beta-feat`` toward 0 over training. ``--beta-schedule epoch`` (default, the
+authors'): constant within an epoch, beta_e = beta_feat * (1 - e / E) for epoch e of E (E = --epochs, or
+the epochs that --max-steps spans). ``--beta-schedule step``: beta = beta_feat * (1 - step / max_steps),
+updated every step.
+
+The authors' ``--vae``, ``--strict`` and ``--strong-aug`` are accepted. Training reads extracted latents,
+so ``--vae`` (ema | mse | none | a local VAE folder) names the VAE the features must come from and is
+checked against their manifest (default: whatever they were encoded with). Weights load strictly here
+whether or not ``--strict`` is given. ``--strong-aug`` has nothing more to add on latents: the flip view
+is already drawn with probability 0.5 at every step (a note is printed).
 """
 
 from __future__ import annotations
@@ -20,11 +32,11 @@ import torch
 
 from diffcompress.checkpoint import load_dit_weights, read_metadata
 from diffcompress.cli import run
-from diffcompress.data import open_features
+from diffcompress.data import check_features_vae, open_features
 from diffcompress.distributed import cleanup, seed_everything, setup_distributed
+from diffcompress.downloads import resolve_checkpoint
 from diffcompress.trainer import TrainResult, add_training_args, compile_blocks, total_steps, train
 from diffusion import create_diffusion
-from diffusion.gaussian_math import mean_flat, normal_kl
 from models_with_layer_pruning import DiT, DiT_models, create_model
 
 Pairs = list[tuple[int, int]]
@@ -42,9 +54,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--alpha-kd", type=float, default=0.9, help="weight of the distillation terms")
     p.add_argument("--beta-feat", type=float, default=1e-2, help="initial weight of the feature loss (-> 0)")
+    p.add_argument("--beta-schedule", choices=["epoch", "step"], default="epoch",
+                   help="decay beta once per epoch (the authors') or at every step")  # fmt: skip
     p.add_argument("--mask-std", type=float, default=2.0, help="mask |h - mean| >= k std (0: no masking)")
     p.add_argument("--layer-pairs", default=None, help="student:teacher pairs, e.g. '0:1,1:3' (default: see docs)")
-    add_training_args(p)
+    p.add_argument("--vae", default=None,
+                   help="ema | mse | none | a local VAE folder: the VAE the features were encoded with, checked "
+                        "against their manifest (default: not checked)")  # fmt: skip
+    p.add_argument("--strict", action="store_true", help="load weights strictly (always so here; accepted)")
+    p.add_argument("--strong-aug", action="store_true", help="accepted; on latents the flip view is always drawn")
+    add_training_args(p, epochs=1400)  # DiT's and train.py's default
     p.set_defaults(prefix="masked-kd")
     return p.parse_args(argv)
 
@@ -98,14 +117,31 @@ def masked_feature_loss(student: torch.Tensor, teacher: torch.Tensor, k: float) 
     return (mask_massive(student.float(), k) - mask_massive(teacher.float(), k)).square().mean()
 
 
-class MaskedKD:
-    """The objective for the shared training loop; holds the frozen teacher and the feature hooks."""
+def feature_weight(beta0: float, step: int, max_steps: int, steps_per_epoch: int | None, schedule: str) -> float:
+    """beta at ``step``: linear decay from beta0, per epoch (steps_per_epoch steps each; None: the whole
+    run is one epoch) or per step."""
+    if schedule == "step":
+        return beta0 * max(0.0, 1.0 - step / max_steps)
+    spe = steps_per_epoch or max_steps
+    epochs = max(1, math.ceil(max_steps / spe))
+    return beta0 * max(0.0, 1.0 - (step // spe) / epochs)
 
-    def __init__(self, student: DiT, teacher: DiT, pairs: Pairs, args: argparse.Namespace, max_steps: int):
+
+class MaskedKD:
+    """The objective for the shared training loop; holds the frozen teacher and the feature hooks.
+
+    ``steps_per_epoch``: the loop's steps per epoch (dataset size // global batch), for the per-epoch beta.
+    """
+
+    def __init__(
+        self, student: DiT, teacher: DiT, pairs: Pairs, args: argparse.Namespace, max_steps: int,
+        steps_per_epoch: int | None = None,
+    ):  # fmt: skip
         self.teacher = teacher.eval().requires_grad_(False)
         self.diffusion = create_diffusion("")
-        self.pairs, self.max_steps = pairs, max_steps
+        self.pairs, self.max_steps, self.steps_per_epoch = pairs, max_steps, steps_per_epoch
         self.alpha, self.beta0, self.mask_std = args.alpha_kd, args.beta_feat, args.mask_std
+        self.beta_schedule = getattr(args, "beta_schedule", "epoch")
         self.features: dict[tuple[str, int], torch.Tensor] = {}
         for s, t in pairs:
             student.blocks[s].register_forward_hook(self._keep("student", s))
@@ -118,31 +154,30 @@ class MaskedKD:
         return hook
 
     def __call__(self, model, x, y, step) -> dict[str, torch.Tensor]:
-        diffusion, C = self.diffusion, x.shape[1]
-        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
-        noise = torch.randn_like(x)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
+        return self.losses(model, x, y, t, torch.randn_like(x), step)
+
+    def losses(self, model, x, y, t, noise, step) -> dict[str, torch.Tensor]:
+        """The batch-mean terms at timesteps ``t`` with ``noise`` (``__call__`` draws both)."""
+        diffusion = self.diffusion
         x_t = diffusion.q_sample(x, t, noise)
         out_s, drops = model(x_t, t, y, return_drop_ids=True)
         with torch.no_grad():  # the teacher sees exactly the student's label drops
             out_t = self.teacher(x_t, t, y, force_drop_ids=drops)
-        out_s, out_t = out_s.float(), out_t.float()
-        gt = diffusion.losses_from_output(out_s, x, x_t, t, noise)
-        kd_mse = mean_flat((out_s[:, :C] - out_t[:, :C]) ** 2)
-        teacher_p = diffusion.p_from_output(out_t, x_t, t, clip_denoised=False)
-        student_p = diffusion.p_from_output(torch.cat([out_s[:, :C].detach(), out_s[:, C:]], 1), x_t, t, False)
-        vb_kd = mean_flat(
-            normal_kl(teacher_p["mean"], teacher_p["log_variance"], student_p["mean"], student_p["log_variance"])
-        ) / math.log(2.0)
+        terms = diffusion.distillation_losses_from_output(out_s.float(), out_t.float(), x, x_t, t, noise)
         feat = torch.stack([
             masked_feature_loss(self.features[("student", s)], self.features[("teacher", t_)], self.mask_std)
             for s, t_ in self.pairs
         ]).mean()  # fmt: skip
         self.features.clear()
-        beta = self.beta0 * max(0.0, 1.0 - step / self.max_steps)
-        kd = (kd_mse + vb_kd).mean()
-        loss = self.alpha * kd + (1 - self.alpha) * gt["loss"].mean() + beta * feat
-        return {"loss": loss, "kd_mse": kd_mse.mean(), "vb_kd": vb_kd.mean(), "mse": gt["mse"].mean(),
-                "vb": gt["vb"].mean(), "feat": feat, "beta": torch.tensor(beta, device=x.device)}  # fmt: skip
+        beta = feature_weight(self.beta0, step, self.max_steps, self.steps_per_epoch, self.beta_schedule)
+        kd_mse, vb_kd = terms["kd_mse"].mean(), terms["vb_kd"].mean()
+        loss = self.alpha * (kd_mse + vb_kd) + (1 - self.alpha) * terms["loss"].mean() + beta * feat
+        return {"loss": loss, "kd_mse": kd_mse, "vb_kd": vb_kd, "mse": terms["mse"].mean(),
+                "vb": terms["vb"].mean(), "feat": feat, "beta": torch.tensor(beta, device=x.device)}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------- the authors' flags
 
 
 # ---------------------------------------------------------------------------------------- script
@@ -150,8 +185,13 @@ class MaskedKD:
 
 def main(args: argparse.Namespace) -> TrainResult:
     info = setup_distributed(args.device)
+    args.load_weight = resolve_checkpoint(args.load_weight, "--load-weight")  # a released name or run prefix
+    args.load_teacher = resolve_checkpoint(args.load_teacher, "--load-teacher")
     seed_everything(args.global_seed, info.rank, info.world_size)
     dataset = open_features(args.data_path, args.image_size, args.num_classes)
+    check_features_vae(args.vae, dataset)
+    if args.strong_aug and info.is_main:
+        print("--strong-aug: the features are latents; each step already draws the original or flipped view")
     channels, latent, _ = dataset.latent_shape
     shape = dict(input_size=latent, num_classes=args.num_classes, in_channels=channels)
     student = create_model(args.model, **shape, **({"depth": args.depth} if args.depth else {}))
@@ -169,7 +209,8 @@ def main(args: argparse.Namespace) -> TrainResult:
         pairs = default_pairs(meta, student.depth, teacher.depth)
     if info.is_main:
         print(f"feature pairs (student:teacher): {','.join(f'{s}:{t}' for s, t in pairs)}")
-    objective = MaskedKD(student, teacher, pairs, args, total_steps(args, len(dataset)))
+    steps_per_epoch = len(dataset) // args.global_batch_size  # as the loop's sampler
+    objective = MaskedKD(student, teacher, pairs, args, total_steps(args, len(dataset)), steps_per_epoch)
     try:
         return train(args, info, student, objective, dataset)
     finally:

@@ -119,14 +119,16 @@ def dit_step_flops(
 
     mode: ``full`` trains every weight (train.py, the Masked KD student); ``frozen`` trains only the
     pruning gates: no weight gradients at all, and block 0 needs none since its input and weights are
-    fixed (the gates mix block outputs, so gradients flow from block 1 on); ``delta_w`` trains the block
-    weights; ``lora`` trains rank-``lora_rank`` adapters on the block linears (incl. adaLN).
+    fixed (the gates mix block outputs, so gradients flow from block 1 on); ``delta_w`` trains every
+    weight (and the gates); ``lora`` trains rank-``lora_rank`` adapters on every linear (timestep MLP,
+    blocks incl. adaLN, final layer).
     """
     if mode not in STEP_MODES:
         raise ValueError(f"mode must be one of {STEP_MODES}, got {mode!r}")
     tokens = model.x_embedder.num_patches
     width = model.pos_embed.shape[-1]
-    full = mode == "full"
+    full = mode in ("full", "delta_w")  # --delta-w trains every weight, as the authors' script
+    adapters = mode == "lora"  # --delta-w --lora: adapters on every Linear, c depends on the timestep MLP's
 
     def linear(layer: torch.nn.Module, per: int, dx: bool, dw: bool) -> tuple[float, float]:
         """(forward, backward) FLOPs of one linear/conv applied ``per`` times per sample."""
@@ -145,12 +147,13 @@ def dit_step_flops(
     for layer, per, dx in (
         (model.x_embedder.proj, tokens, False),
         (model.t_embedder.mlp[0], 1, False),
-        (model.t_embedder.mlp[2], 1, full),
-        (model.final_layer.adaLN_modulation[-1], 1, full),
+        (model.t_embedder.mlp[2], 1, full or adapters),
+        (model.final_layer.adaLN_modulation[-1], 1, full or adapters),
         (model.final_layer.linear, tokens, True),  # its input mixes gated blocks: always needs a gradient
     ):
         f, b = linear(layer, per, dx, full)
-        fwd, bwd = fwd + f, bwd + b
+        lf, lb = lora(layer, per, dx) if layer is not model.x_embedder.proj else (0.0, 0.0)
+        fwd, bwd = fwd + f + lf, bwd + b + lb
     recompute = 0.0
     for i, block in enumerate(model.blocks):
         # frozen: nothing before block 1 depends on a trained tensor; otherwise everything in a block does
@@ -158,13 +161,13 @@ def dit_step_flops(
         fb = bb = 0.0
         for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
             base = getattr(layer, "base_layer", layer)  # LoRA wraps the original linear
-            f, b = linear(base, tokens, grad_inside, mode in ("full", "delta_w"))
+            f, b = linear(base, tokens, grad_inside, full)
             lf, lb = lora(base, tokens, grad_inside)
             fb, bb = fb + f + lf, bb + b + lb
         ada = block.adaLN_modulation[-1]
         ada = getattr(ada, "base_layer", ada)
-        f, b = linear(ada, 1, full, mode in ("full", "delta_w"))  # its input, c, is trained only in full
-        lf, lb = lora(ada, 1, full)
+        f, b = linear(ada, 1, full or adapters, full)  # its input, c, depends on trained weights unless frozen
+        lf, lb = lora(ada, 1, full or adapters)
         attn = 4 * tokens * tokens * width
         fb, bb = fb + f + lf + attn, bb + b + lb + (2 * attn if grad_inside else 0)
         fwd, bwd = fwd + fb, bwd + bb

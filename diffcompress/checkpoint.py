@@ -235,6 +235,7 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike, metadata: dict
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())  # mkstemp makes 0600 files: give the mode open() would (0644 under umask 022)
         with os.fdopen(fd, "wb") as f:
             if path.suffix == ".safetensors":
                 from safetensors.torch import save
@@ -254,6 +255,26 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike, metadata: dict
     else:  # a stale sidecar would describe the previous file
         metadata_path(path).unlink(missing_ok=True)
     return path
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (the only portable way to read it)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The permission bits a plain ``open(path, "w")`` gives a new file: 0666 less the umask. Files made by
+    ``tempfile.mkstemp`` (0600) are set to this before they are renamed into place, so a checkpoint is as readable
+    by the group and others as any file the user writes."""
+    return 0o666 & ~current_umask()
 
 
 def metadata_path(path: str | os.PathLike) -> Path:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import write_json_atomic
+from .vae import HUB_VAES
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MANIFEST = "manifest.json"
@@ -327,3 +328,25 @@ def open_features(path: str | os.PathLike, image_size: int | None, num_classes: 
     if dataset.num_classes > num_classes:
         raise ValueError(f"{path} has {dataset.num_classes} classes, more than --num-classes {num_classes}")
     return dataset
+
+
+def _vae_name(spec: str) -> str:
+    """One spelling per VAE: hub ids for ema/mse, resolved paths for local folders."""
+    if spec in HUB_VAES:
+        return HUB_VAES[spec]
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
+def check_features_vae(spec: str | None, dataset: FeatureDataset) -> None:
+    """A training script's ``--vae``: the features must have been encoded with that VAE, when their manifest
+    says which (the authors' scripts take the flag but train on latents: it cannot change the training)."""
+    if spec is None:
+        return
+    if spec not in (*HUB_VAES, "none") and not Path(spec).exists() and "/" not in spec:
+        raise ValueError(f"--vae {spec}: expected ema, mse, none or a local VAE folder")
+    recorded = dataset.manifest.get("vae")
+    if recorded is not None and _vae_name(spec) != _vae_name(recorded):
+        raise ValueError(
+            f"--vae {spec}: the features in {dataset.path} were encoded with --vae {recorded}; "
+            f"pass --vae {recorded} or extract them again"
+        )

@@ -51,8 +51,7 @@ def setup_distributed(device: str | None = None, timeout_minutes: float = 30) ->
     if want.startswith("cuda"):
         dev = torch.device("cuda", local_rank if ":" not in want else int(want.split(":")[1]))
         torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        set_tf32(dev, True)  # as DiT; --no-tf32 turns it off again
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
@@ -103,6 +102,15 @@ def per_rank_batch(global_batch_size: int, world_size: int) -> int:
 # ---------------------------------------------------------------------------------------- precision
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def set_tf32(device: torch.device, enabled: bool) -> bool:
+    """TF32 matmuls and convolutions on CUDA (DiT's default); returns whether they are on (never on a CPU)."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return enabled
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:

@@ -14,7 +14,8 @@ from diffusion.dpm_solver import dpm_solver_sample_loop
 from models_with_layer_pruning import DiT, DiT_models, create_model
 
 from .checkpoint import load_dit_weights
-from .distributed import autocast
+from .distributed import autocast, resolve_precision, set_tf32
+from .downloads import resolve_checkpoint
 from .errors import UserError
 from .vae import PixelCodec, VAECodec, load_vae
 
@@ -23,7 +24,12 @@ def add_sampling_args(p: argparse.ArgumentParser, cfg_scale: float) -> None:
     p.add_argument("--model", choices=list(DiT_models), default="DiT-XL/2")
     p.add_argument("--depth", type=int, default=None, help="override the model's depth (a model pruned from it)")
     p.add_argument("--groups", default=None, help="custom N:M groups for a prunable model, e.g. '[[1,2],[2,4]]'")
-    p.add_argument("--ckpt", default=None, help="checkpoint (state dict, training checkpoint or safetensors)")
+    p.add_argument("--ckpt", default=None,
+                   help="a checkpoint file (state dict, training checkpoint or safetensors), a released name "
+                   "(DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt, TinyDiT-D14-MaskedKD-500K.pt: from pretrained_models/ "
+                   "or downloaded there) or a run's checkpoint by its folder's prefix; default for DiT-XL/2: "
+                   "DiT-XL-2-<image-size>.pt, as DiT's scripts")  # fmt: skip
+    p.add_argument("--random-init", action="store_true", help="sample from randomly initialised weights (no --ckpt)")
     p.add_argument("--no-ema", action="store_true", help="use 'model' instead of 'ema' from a training checkpoint")
     p.add_argument("--vae", default="ema", help="ema | mse | a local diffusers VAE folder | none (pixel-space model)")
     p.add_argument("--image-size", type=int, default=256)
@@ -34,11 +40,46 @@ def add_sampling_args(p: argparse.ArgumentParser, cfg_scale: float) -> None:
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm-solver"], default="ddpm",
                    help="ddpm (the paper's), ddim, or dpm-solver (DPM-Solver++ 2M: use 20-25 steps)")  # fmt: skip
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    p.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
+    p.add_argument("--precision", default="auto",
+                   help="auto (fp32, as DiT's sampling scripts) | fp32 | bf16 | fp16 (CUDA) autocast")  # fmt: skip
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 matmuls on CUDA for fp32 sampling, as DiT's scripts (--no-tf32: full fp32)")  # fmt: skip
+
+
+def sampling_precision(precision: str | None, tf32: bool, device: torch.device) -> tuple[str, bool]:
+    """(precision, tf32) that sampling runs with: ``auto`` is fp32 on every device, as DiT's sampling scripts (bf16
+    only when asked: it moves 50K-sample FIDs); TF32 exists only on CUDA, so it is off on CPU whatever asked."""
+    chosen = "fp32" if precision in (None, "auto") else resolve_precision(precision, device)
+    return chosen, bool(tf32) and device.type == "cuda"
+
+
+def apply_precision(args: argparse.Namespace, device: torch.device) -> tuple[str, bool]:
+    """Choose with ``sampling_precision`` and set the CUDA TF32 switches to match (setup_distributed turns them on)."""
+    precision, tf32 = sampling_precision(args.precision, args.tf32, device)
+    set_tf32(device, tf32)
+    return precision, tf32
+
+
+def default_checkpoint(args: argparse.Namespace) -> str | None:
+    """``--ckpt`` when given; for DiT-XL/2 at 256 or 512 DiT's released ``DiT-XL-2-<size>.pt``; ``None`` with
+    ``--random-init``; else one line asking for either."""
+    if args.random_init:
+        if args.ckpt:
+            raise UserError("--random-init and --ckpt exclude each other: pass one of them")
+        return None
+    if args.ckpt:
+        return args.ckpt
+    dit_xl = args.model == "DiT-XL/2" and not args.depth and not args.groups and args.num_classes == 1000
+    if dit_xl and args.image_size in (256, 512):
+        return f"DiT-XL-2-{args.image_size}x{args.image_size}.pt"
+    raise UserError(f"--ckpt is required for --model {args.model} at --image-size {args.image_size} (a checkpoint "
+                    "file, a released name or a run's checkpoint); --random-init samples random weights")  # fmt: skip
 
 
 def load_model_and_codec(args: argparse.Namespace, device: torch.device) -> tuple[DiT, PixelCodec | VAECodec, int]:
-    """The DiT in eval mode on ``device`` (weights from --ckpt), the image codec, and the latent size."""
+    """The DiT in eval mode on ``device`` (weights from --ckpt, resolved in place: a released name or a run folder's
+    prefix becomes the file's path), the image codec, and the latent size."""
+    args.ckpt = resolve_checkpoint(default_checkpoint(args))  # before the VAE: a missing checkpoint fails fast
     codec = load_vae(args.vae, device)
     if args.image_size % codec.downsample:
         raise UserError(f"--image-size {args.image_size} must be divisible by the VAE's factor {codec.downsample}")
@@ -50,7 +91,7 @@ def load_model_and_codec(args: argparse.Namespace, device: torch.device) -> tupl
     if args.ckpt:
         load_dit_weights(model, args.ckpt, use_ema=not args.no_ema)
     else:
-        print("warning: no --ckpt given, sampling from randomly initialised weights")
+        print("note: --random-init: sampling from randomly initialised weights")
     return model.eval(), codec, latent_size
 
 

@@ -30,10 +30,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import load_file, save_checkpoint
-from .distributed import DistInfo, autocast, get_logger, per_rank_batch, resolve_precision
+from .distributed import DistInfo, autocast, get_logger, per_rank_batch, resolve_precision, set_tf32
 from .ema import create_ema, update_ema
 from .errors import UserError
 from .progress import progress_bar
+
+RESULTS_DIR = "outputs"  # the authors' default: outputs/<prefix>-<model>/checkpoints/0500000.pt
+LEGACY_RESULTS_DIR = "results"  # this repository's default before it took the authors'
 
 # An objective maps (model, latents, labels, step) to a dict of scalar tensors with at least "loss".
 Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], dict[str, torch.Tensor]]
@@ -61,13 +64,21 @@ def add_training_args(
     ema_decay: float = 0.9999,
     global_batch_size: int = 256,
     schedule: str = "cosine",
+    epochs: int | None = None,
 ) -> None:
-    """The flags every training script shares (defaults: the paper's fine-tuning recipe)."""
+    """The flags every training script shares (defaults: the paper's fine-tuning recipe).
+
+    The run is ``--max-steps`` steps, else ``--epochs`` epochs of full global batches. An epoch-based run
+    moves its cosine once per epoch (the authors' CosineAnnealingLR(T_max=epochs) stepped per epoch); a
+    step-based one at every step."""
     g = parser.add_argument_group("training")
-    g.add_argument("--results-dir", default="results")
+    g.add_argument("--results-dir", default=RESULTS_DIR, help=f"experiment folders go here (default {RESULTS_DIR})")
     g.add_argument("--prefix", default="train", help="experiment folder: <results-dir>/<prefix>-<model>")
-    g.add_argument("--epochs", type=int, default=None, help="train this many epochs (or use --max-steps)")
-    g.add_argument("--max-steps", type=int, default=None, help="train this many steps (overrides --epochs)")
+    default_text = f" (default {epochs})" if epochs else ""
+    g.add_argument("--epochs", type=int, default=epochs,
+                   help=f"train this many epochs; the cosine lr moves once per epoch{default_text}")  # fmt: skip
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="train this many steps instead (overrides --epochs; the cosine moves every step)")  # fmt: skip
     g.add_argument("--global-batch-size", type=int, default=global_batch_size)
     g.add_argument("--lr", type=float, default=lr)
     g.add_argument("--lr-min", type=float, default=lr_min, help="floor of the cosine schedule")
@@ -84,6 +95,8 @@ def add_training_args(
     g.add_argument("--resume", default=None, help="a checkpoint to continue from, or 'auto' for the newest one")
     g.add_argument("--max-nan-steps", type=int, default=100, help="stop after this many non-finite losses")
     g.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 matmuls on CUDA (DiT's default; --no-tf32: full fp32 where fp32 runs)")  # fmt: skip
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     g.add_argument("--grad-accum-steps", type=int, default=1,
                    help="split each rank's batch into this many micro-batches (same update, less memory)")  # fmt: skip
@@ -134,15 +147,26 @@ def choose_view(x: torch.Tensor) -> torch.Tensor:
 # -------------------------------------------------------------------------------------------- schedule
 
 
-def lr_factor(step: int, args: argparse.Namespace, max_steps: int) -> float:
-    """Multiplier of each group's base lr: linear warm-up, then cosine from 1 down to lr_min/lr (or constant)."""
+def lr_factor(step: int, args: argparse.Namespace, max_steps: int, steps_per_epoch: int | None = None) -> float:
+    """Multiplier of each group's base lr: linear warm-up, then cosine from 1 down to lr_min/lr (or constant).
+
+    An epoch-based run (``--epochs`` without ``--max-steps``, and ``steps_per_epoch`` given) holds the lr
+    within an epoch: epoch e of E gets the cosine at e / E, as the authors' per-epoch scheduler step."""
     if step < args.warmup_steps:
         return (step + 1) / args.warmup_steps
     if args.lr_schedule == "constant":
         return 1.0
     floor = args.lr_min / args.lr
-    progress = min(1.0, (step - args.warmup_steps) / max(1, max_steps - args.warmup_steps))
+    if epoch_based(args) and steps_per_epoch:
+        progress = min(1.0, (step // steps_per_epoch) / args.epochs)
+    else:
+        progress = min(1.0, (step - args.warmup_steps) / max(1, max_steps - args.warmup_steps))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def epoch_based(args: argparse.Namespace) -> bool:
+    """The run's length is --epochs (the authors' flag), not --max-steps."""
+    return args.max_steps is None and args.epochs is not None
 
 
 # -------------------------------------------------------------------------------------------- the loop
@@ -190,6 +214,20 @@ def total_steps(args: argparse.Namespace, dataset_size: int) -> int:
 
 def experiment_dir(args: argparse.Namespace) -> Path:
     return Path(args.results_dir) / f"{args.prefix}-{args.model.replace('/', '-')}"
+
+
+def _refuse_legacy_folder(args: argparse.Namespace, exp_dir: Path) -> None:
+    """``--resume auto`` under the default ``outputs`` while the run's checkpoints are in the old default
+    ``results``: stop with the flag that continues it, rather than start over."""
+    if args.results_dir != RESULTS_DIR:
+        return
+    old = Path(LEGACY_RESULTS_DIR) / exp_dir.name / "checkpoints"
+    if find_latest_checkpoint(old) is not None:
+        raise TrainingError(
+            f"--resume auto: no checkpoint in {exp_dir / 'checkpoints'}, but {old} holds this run's checkpoints (the "
+            f"default --results-dir was {LEGACY_RESULTS_DIR}, now {RESULTS_DIR}): pass --results-dir "
+            f"{LEGACY_RESULTS_DIR} to continue it"
+        )
 
 
 def find_latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -329,6 +367,7 @@ def train(
     """
     device = info.device
     precision = resolve_precision(args.precision, device)
+    set_tf32(device, args.tf32)
     per_rank = per_rank_batch(args.global_batch_size, info.world_size)
     accum = getattr(args, "grad_accum_steps", 1)
     if accum < 1 or per_rank % accum:
@@ -357,7 +396,7 @@ def train(
     for g in groups:
         g.setdefault("lr", args.lr)
     opt = make_optimizer(groups, args)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args, max_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args, max_steps, sampler.steps_per_epoch))
 
     train_steps = 0
     resume_path = args.resume
@@ -368,6 +407,7 @@ def train(
             dist.broadcast_object_list(choice, src=0)
             resume_path = choice[0]
         if resume_path is None:
+            _refuse_legacy_folder(args, exp_dir)
             logger.info(f"--resume auto: no checkpoint in {ckpt_dir}, starting from scratch")
     if resume_path:
         state = load_file(resume_path)
@@ -398,8 +438,8 @@ def train(
     model.train()
     loader = DataLoader(
         dataset, batch_size=per_rank, sampler=sampler, num_workers=args.num_workers,
-        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False,
-    )  # fmt: skip
+        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0,
+    )  # fmt: skip  # persistent: an epoch-based run does not start its workers again every epoch
     if info.is_main:
         exp_dir.mkdir(parents=True, exist_ok=True)
         (exp_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
+from .downloads import offline, pretrained_dir
 from .errors import UserError
 
 LATENT_SCALE = 0.18215
@@ -49,7 +51,8 @@ class VAECodec:
 
 
 def load_vae(spec: str, device: torch.device | str = "cpu") -> PixelCodec | VAECodec:
-    """``none`` -> pixels; a local diffusers VAE folder; ``ema``/``mse`` or a hub id (network only then)."""
+    """``none`` -> pixels; a local diffusers VAE folder; ``ema``/``mse`` or a hub id: a copy in
+    ``pretrained_dir()/<name>``, else the Hugging Face cache, else a download (online only), else one line."""
     if spec == "none":
         return PixelCodec()
     from diffusers import AutoencoderKL
@@ -62,11 +65,26 @@ def load_vae(spec: str, device: torch.device | str = "cpu") -> PixelCodec | VAEC
             )
         return VAECodec(AutoencoderKL.from_pretrained(local).to(device), str(local))
     repo = HUB_VAES.get(spec, spec)
-    try:
-        vae = AutoencoderKL.from_pretrained(repo)
-    except Exception as e:  # offline, unknown id, or a partial download: one clear line
-        raise UserError(
-            f"--vae {spec}: could not load {repo!r} from the hub ({type(e).__name__}). Without network, download it "
-            f"elsewhere (hf download {repo} --local-dir vae/) and pass --vae vae/, or use --vae none"
-        ) from None
+    copy = pretrained_dir() / repo.split("/")[-1]  # where download.py --vae and the error below put it
+    if (copy / "config.json").is_file():
+        return VAECodec(AutoencoderKL.from_pretrained(copy).to(device), str(copy))
+    try:  # the cache first, without a request: offline machines with a cached VAE need no network
+        with warnings.catch_warnings():  # diffusers passes hub arguments that huggingface_hub deprecated
+            warnings.simplefilter("ignore")
+            vae = AutoencoderKL.from_pretrained(repo, local_files_only=True)
+    except Exception:
+        vae = None
+    if vae is None:
+        why = "the network is off"
+        if not offline():
+            try:
+                vae = AutoencoderKL.from_pretrained(repo)
+            except Exception as e:  # offline, unknown id, or a partial download: one clear line
+                why = f"the download failed ({type(e).__name__})"
+        if vae is None:
+            raise UserError(
+                f"--vae {spec}: {repo} is neither in {copy} nor in the Hugging Face cache, and {why}. Download "
+                f"https://huggingface.co/{repo} on a machine with network (python download.py --vae {spec}, or "
+                f"hf download {repo} --local-dir {copy}) and put it at {copy}, or pass --vae PATH (or none)"
+            )
     return VAECodec(vae.to(device), repo)

@@ -309,9 +309,18 @@ class GaussianDiffusion:
             x = out["sample"]
 
     # ------------------------------------------------------------------ training
-    def _vb_terms_bpd(self, model_output, x_start, x_t, t, clip_denoised=False) -> dict[str, torch.Tensor]:
-        """One term of the variational bound, in bits per dimension: KL for t > 0, decoder NLL at t = 0."""
-        true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
+    def _vb_terms_bpd(
+        self, model_output, x_start, x_t, t, clip_denoised=False, target: tuple[torch.Tensor, ...] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One term of the variational bound, in bits per dimension: KL for t > 0, decoder NLL at t = 0.
+
+        ``target`` (mean, log_variance) replaces the true posterior q(x_{t-1} | x_t, x_0) in the KL (a
+        teacher's p(x_{t-1} | x_t) in distillation); the decoder NLL at t = 0 always scores x_0 itself.
+        """
+        if target is None:
+            true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
+        else:
+            true_mean, true_log_var = target
         out = self.p_from_output(model_output, x_t, t, clip_denoised)
         kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / np.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
@@ -356,4 +365,28 @@ class GaussianDiffusion:
             target = self.q_posterior_mean_variance(x_start, x_t, t)[0]
         terms["mse"] = mean_flat((target - prediction) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        return terms
+
+    def distillation_losses_from_output(
+        self, student_output, teacher_output, x_start, x_t, t, noise
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample terms of output distillation (TinyFusion's Masked KD, built on ``training_losses``).
+
+        ``mse``, ``vb`` (and ``loss``) are ``losses_from_output``'s for the student. ``kd_mse`` is the MSE
+        between the student's and the teacher's predictions (the first C channels). With a learned variance,
+        ``vb_kd`` is ``vb`` with the teacher's p(x_{t-1} | x_t) in place of the true posterior: the KL from
+        the teacher's Gaussian to the student's (student mean detached, so it trains the variance channels)
+        for t > 0, and at t = 0 the decoder NLL of x_0 under the student's Gaussian, i.e. the same value as
+        ``vb`` there, as in the authors' code.
+        """
+        terms = self.losses_from_output(student_output, x_start, x_t, t, noise)
+        C = x_t.shape[1]
+        terms["kd_mse"] = mean_flat((student_output[:, :C] - teacher_output[:, :C]) ** 2)
+        if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE) and not self.loss_type.is_vb():
+            teacher = self.p_from_output(teacher_output, x_t, t, clip_denoised=False)
+            frozen = torch.cat([student_output[:, :C].detach(), student_output[:, C:]], dim=1)
+            target = (teacher["mean"], teacher["log_variance"])
+            terms["vb_kd"] = self._vb_terms_bpd(frozen, x_start, x_t, t, target=target)["output"]
+            if self.loss_type == LossType.RESCALED_MSE:
+                terms["vb_kd"] = terms["vb_kd"] * (self.num_timesteps / 1000.0)
         return terms

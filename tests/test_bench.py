@@ -49,7 +49,7 @@ def test_analytic_step_flops_match_torch_flop_counter(mode, checkpointing):
             "DiT-S/2", input_size=16, num_classes=1000, depth=4, groups=None if mode == "full" else "1:2"
         )
         if mode != "full":
-            flags = {"frozen": [], "delta_w": ["--delta-w"], "lora": ["--lora", "--lora-rank", "4"]}[mode]
+            flags = {"frozen": [], "delta_w": ["--delta-w"], "lora": ["--delta-w", "--lora", "--lora-rank", "4"]}[mode]
             model, _ = prune_by_learning.configure_trainable(
                 model, prune_by_learning.parse_args(["--data-path", "-", *flags])
             )

@@ -207,3 +207,16 @@ def test_strict_stops_with_one_line(images, tmp_path, script):
     assert len(lines) == 1, result.err
     assert lines[0].startswith(f"error: cannot read image {images / 'bee' / 'bad.png'}: UnidentifiedImageError")
     assert not (out / "imagenet8_features" / "5.npy").exists()
+
+
+def test_the_authors_training_flags_are_accepted(images, tmp_path, script):
+    base = ["--data-path", images, "--features-path", tmp_path / "f", "--image-size", 8, "--vae", "none",
+            "--num-workers", 0, "--device", "cpu"]  # fmt: skip
+    result = script("extract_features.py", *base, "--num-classes", 2)
+    assert result.code == 2 and "has 3 class folders, more than --num-classes 2" in result.last_line
+    authors = ["--results-dir", "outputs", "--epochs", 1400, "--global-batch-size", 256, "--log-every", 100,
+               "--ckpt-every", 50000, "--num-classes", 1000]  # fmt: skip
+    result = script("extract_features.py", *base, *authors)
+    assert result.code == 0, result.err
+    assert "--results-dir, --epochs, --global-batch-size, --log-every, --ckpt-every have no effect" in result.out
+    assert (tmp_path / "f" / "imagenet8_features" / "0.npy").is_file()

@@ -192,7 +192,7 @@ def test_prune_by_learning_two_nodes_equal_one_node(features, tmp_path):
     def entry(results):
         return [str(ROOT / "prune_by_learning.py"), "--model", "DiT-Ti/4", "--groups", "1:2", "--device", "cpu",
                 "--data-path", str(features), "--results-dir", str(results), *TOY_FLAGS, "--max-steps", "4",
-                "--log-every", "2", "--lora", "--save-model", str(results / "d6.pt")]  # fmt: skip
+                "--log-every", "2", "--delta-w", "--lora", "--save-model", str(results / "d6.pt")]  # fmt: skip
 
     ports = free_ports(2)
     *nodes, _ = launch([*torchrun_two_nodes(entry(tmp_path / "multi"), "prune", ports[0]),

@@ -378,3 +378,29 @@ def test_index_bad_list_is_one_line_exit_2(source, tmp_path, script):
 def test_index_user_errors(source, capsys, extra, message):
     argv = ["--model", MODEL, "--ckpt", str(source[0]), *extra]
     assert message in user_error(capsys, prune_by_index, argv)
+
+
+def test_paper_oracle_is_the_readme_list_and_oracle_bk_sdm():
+    args = prune_by_index.parse_args(["--ckpt", "x", "--kept-indices", "paper-oracle"])
+    assert prune_by_index.select_indices(args, 28)[0] == [0, 2, 4, 6, 8, 10, 12, 14, 17, 19, 21, 23, 25, 27]
+    args.kept_indices = "oracle"
+    assert prune_by_index.select_indices(args, 28)[0] == BK_SDM_D14
+    args.kept_indices = "paper-oracle"
+    with pytest.raises(ValueError, match="28 -> 14 blocks, not for a model of depth 12: use oracle"):
+        prune_by_index.select_indices(args, 12)
+
+
+def test_the_authors_defaults_and_flags(source, capsys, tmp_path, monkeypatch):
+    score = prune_by_score.parse_args(["--n-pruned", "2"])
+    assert (score.data_path, score.num_classes, score.vae) == ("data/imagenet/train", 1000, "ema")
+    monkeypatch.chdir(tmp_path)  # no data/imagenet/train here: the error says what to pass
+    err = user_error(capsys, prune_by_score, ["--model", MODEL, "--ckpt", str(source[0]), "--n-pruned", "2"])
+    assert "--data-path data/imagenet/train (the default) is not a folder: pass --data-path with" in err
+    argv = ["--model", MODEL, "--ckpt", str(source[0]), "--kept-indices", "oracle", "--vae", "ema", "--cfg-scale",
+            "4.0", "--num-sampling-steps", "250", "--pruner", "x", "--nsamples", "8", "--batch-size", "2"]  # fmt: skip
+    assert prune_by_index.main(prune_by_index.parse_args(argv)) == [0, 2, 4, 7, 9, 11]
+    assert "--vae, --cfg-scale, --num-sampling-steps, --pruner, --nsamples, --batch-size have no effect" in (
+        capsys.readouterr().out
+    )
+    err = user_error(capsys, prune_by_index, [*argv, "--num-classes", "1000"])
+    assert "--num-classes 1000 does not fit" in err and "its model has 4 classes" in err

@@ -91,44 +91,75 @@ def test_lora_discard_or_merge(features, trained_pair, tmp_path, merge):
     model = with_identity_blocks(trained_pair)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     extra = ["--merge-weights"] if merge else []
-    args = prune_args(features, tmp_path, "--max-steps", "3", "--lora", "--lr", "1e-2", *extra)
+    args = prune_args(features, tmp_path, "--max-steps", "3", "--lora", "--delta-w", "--lr", "1e-2", *extra)
     kept = pbl.learn_pruning(args, CPU, model, FeatureDataset(features))["kept_indices"]
     saved = torch.load(tmp_path / "prune-DiT-XL-1-2" / "pruned.pt", weights_only=True)
     ema = load_file(tmp_path / "prune-DiT-XL-1-2" / "checkpoints" / "0000003.pt")["ema"]
-    for new, old in enumerate(kept):
-        for name in ("attn.qkv", "mlp.fc2", "adaLN_modulation.1"):
-            weight = saved[f"blocks.{new}.{name}.weight"]
-            base = original[f"blocks.{old}.{name}.weight"]
-            if not merge:
-                assert torch.equal(weight, base)  # the paper's choice: original weights
-            else:  # W + (alpha / r) * B @ A of the EMA adapters, computed here independently
-                a, b = (
-                    ema[f"blocks.{old}.{name}.lora_A.default.weight"],
-                    ema[f"blocks.{old}.{name}.lora_B.default.weight"],
-                )
-                assert b.abs().max() > 0
-                torch.testing.assert_close(weight, base + (16 / 8) * b @ a)
+    pairs = [(f"blocks.{new}.{name}", f"blocks.{old}.{name}") for new, old in enumerate(kept)
+             for name in ("attn.qkv", "mlp.fc2", "adaLN_modulation.1")]  # fmt: skip
+    pairs += [(name, name) for name in ("t_embedder.mlp.0", "final_layer.linear", "final_layer.adaLN_modulation.1")]
+    for new, old in pairs:  # adapters sit on every Linear, the embedder's and final layer's too
+        weight, base = saved[f"{new}.weight"], original[f"{old}.weight"]
+        if not merge:
+            assert torch.equal(weight, base)  # the paper's choice: original weights
+        else:  # W + (alpha / r) * B @ A of the EMA adapters (torchtune's key names), computed here independently
+            a, b = ema[f"{old}.lora_a.weight"], ema[f"{old}.lora_b.weight"]
+            assert b.abs().max() > 0
+            torch.testing.assert_close(weight, base + (16 / 8) * b @ a)
+    assert not any("lora" in k for k in saved)
 
 
-@pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
-def test_only_requested_parameters_train_at_the_right_lr(features, tmp_path, mode):
-    extra = {"frozen": [], "lora": ["--lora"], "full": ["--delta-w"]}[mode]
+@pytest.mark.parametrize("mode", ["frozen", "lora-only", "lora", "full"])
+def test_only_requested_parameters_train_at_the_right_lr(features, tmp_path, mode, capsys):
+    """The authors' semantics: --lora alone trains the gates only, --delta-w every parameter but the gates
+    (our earlier versions read --lora as --delta-w --lora and --delta-w as the blocks' weights only)."""
+    extra = {"frozen": [], "lora-only": ["--lora"], "lora": ["--lora", "--delta-w"], "full": ["--delta-w"]}[mode]
     args = prune_args(features, tmp_path, "--max-steps", "2", "--lr", "1e-3", *extra)
     model, groups = pbl.configure_trainable(randomized(DiT(**TOY_DIT, depth=4, groups=[[1, 2], [1, 2]])), args)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"gate_logits.0", "gate_logits.1"} <= trainable
     others = trainable - {"gate_logits.0", "gate_logits.1"}
-    if mode == "frozen":
+    linears = [n for n, m in DiT(**TOY_DIT, depth=4).named_modules() if isinstance(m, torch.nn.Linear)]
+    if mode in ("frozen", "lora-only"):
         assert not others and len(groups) == 1
+        assert not any("lora" in n for n, _ in model.named_parameters())
     elif mode == "lora":
-        assert others and all("lora_" in n for n in others)
+        assert others == {f"{n}.lora_{ab}.weight" for n in linears for ab in "ab"}
+        assert {"t_embedder.mlp.0", "t_embedder.mlp.2", "final_layer.linear"} <= set(linears)
     else:
-        assert others == {n for n, _ in model.named_parameters() if n.startswith("blocks.")}
+        assert others == {n for n, _ in model.named_parameters() if not n.startswith("gate_logits")} - {"pos_embed"}
+        assert {"x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.bias"} <= others
     assert groups[0]["lr"] == pytest.approx(10 * args.lr) and all(g["lr"] == args.lr for g in groups[1:])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train(args, CPU, model, pbl.pruning_objective(args, 2), FeatureDataset(features), groups)
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert changed <= trainable and "gate_logits.0" in changed
+    said = pbl.describe_trainable(model, groups, args)
+    assert said.startswith("trains the gate logits (2 groups, 4 logits, lr 0.01)")
+    assert ("only; the weights stay frozen" in said) == (mode in ("frozen", "lora-only"))
+    assert ("add --delta-w to learn the LoRA update" in said) == (mode == "lora-only")
+
+
+def test_lora_on_every_linear_of_xl2_counts_6001920():
+    """DiT-XL/2 at rank 8 on the meta device: adapters on all 144 Linears (28 blocks x 5, the timestep
+    MLP's 2, the final layer's 2), r * (in + out) each by the layer table of the official checkpoint."""
+    with torch.device("meta"):
+        model, groups = pbl.configure_trainable(
+            create_model("DiT-XL-1-2"), pbl.parse_args(["--data-path", "-", "--lora", "--delta-w"])
+        )
+    block = (1152 + 3456) + (1152 + 1152) + (1152 + 4608) + (4608 + 1152) + (1152 + 6912)
+    outside = (256 + 1152) + (1152 + 1152) + (1152 + 32) + (1152 + 2304)
+    assert 8 * 28 * block == 5_935_104  # the blocks alone (our earlier choice)
+    assert 8 * (28 * block + outside) == 6_001_920
+    assert sum(p.numel() for p in groups[1]["params"]) == 6_001_920
+    assert len(pbl.lora_layers(model)) == 144
+
+
+def test_vae_flag_has_the_authors_choices(features):
+    assert pbl.parse_args(["--data-path", str(features)]).vae == "ema"
+    assert pbl.parse_args(["--data-path", str(features), "--vae", "mse"]).vae == "mse"
+    with pytest.raises(SystemExit):
+        pbl.parse_args(["--data-path", str(features), "--vae", "xl"])
 
 
 def test_resume_continues_the_decision_history(features, trained_pair, tmp_path):
@@ -149,13 +180,15 @@ def test_torchrun_two_processes(features, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(ROOT / "prune_by_learning.py"), "--model", "DiT-Ti/4",
            "--groups", "1:2", "--data-path", str(features), "--results-dir", str(tmp_path), *TOY_FLAGS,
-           "--max-steps", "4", "--log-every", "2", "--lora", "--save-model", str(out)]  # fmt: skip
+           "--max-steps", "4", "--log-every", "2", "--lora", "--delta-w", "--vae", "mse",
+           "--save-model", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "kept 6/12 layers" in result.stdout
     meta = read_metadata(out)
     assert len(meta["kept_indices"]) == 6 and meta["groups"] == [[1, 2]] * 6 and meta["update"] == "lora"
+    assert meta["vae"] == "mse" and "LoRA rank 8 alpha 16 on all 64 Linear layers" in result.stdout
     assert all(k // 2 == g for g, k in enumerate(meta["kept_indices"]))  # one block from each pair
     create_model("DiT-Ti/4", input_size=8, num_classes=4, depth=6).load_state_dict(torch.load(out, weights_only=True))
     assert (tmp_path / "prune-DiT-Ti-4" / "decisions.png").is_file()

@@ -101,3 +101,24 @@ def test_sample_ddp(tmp_path, capsys):
     err = run(capsys, ckpt, tmp_path / "two", ok=False)
     assert "holds samples made with another ckpt" in err
     assert "000005.png" not in os.listdir(folder)
+
+
+def test_npz_records_precision_and_tf32(tmp_path, capsys, one_thread):
+    """fp32 by default (no TF32 on CPU), bf16 only when asked; both in the npz and the folder's run.json, and a
+    re-run in another precision is refused rather than mixing images."""
+    import json
+
+    flags = [*ARGS, "--random-init", "--num-fid-samples", "2", "--num-sampling-steps", "2"]
+    npz = sample_ddp.main(sample_ddp.parse_args([*flags, "--sample-dir", str(tmp_path / "a")]))
+    with np.load(npz) as data:
+        assert str(data["precision"]) == "fp32" and not bool(data["tf32"]) and data["arr_0"].shape == (2, 16, 16, 3)
+    record = json.loads((npz.parent / npz.name.removesuffix(".npz") / "run.json").read_text())
+    assert (record["precision"], record["tf32"], record["random_init"]) == ("fp32", False, True)
+    npz = sample_ddp.main(sample_ddp.parse_args([*flags, "--precision", "bf16", "--sample-dir", str(tmp_path / "b")]))
+    with np.load(npz) as data:
+        assert str(data["precision"]) == "bf16"
+    (next((tmp_path / "a").glob("*/000001.png"))).unlink()
+    args = sample_ddp.parse_args([*flags, "--precision", "bf16", "--sample-dir", str(tmp_path / "a")])
+    with pytest.raises(SystemExit):
+        cli.run(lambda: sample_ddp.main(args))
+    assert "holds samples made with another precision" in capsys.readouterr().err

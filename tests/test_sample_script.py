@@ -86,3 +86,50 @@ def test_sample_rejects_mismatched_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
     sample_in_process("--ckpt", str(tmp_path / "d6.pt"), "--depth", "6", "--out", str(tmp_path / "x.png"))
     assert (tmp_path / "x.png").is_file()
+
+
+def test_sampling_precision_is_fp32_with_tf32_on_cuda_by_default():
+    """As DiT's sampling scripts: fp32 on every device unless --precision asks otherwise; TF32 only exists on CUDA."""
+    import sample_ddp
+    from diffcompress.sampling import apply_precision, sampling_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    assert sampling_precision("auto", True, cpu) == ("fp32", False)
+    assert sampling_precision("auto", True, cuda) == ("fp32", True)
+    assert sampling_precision("auto", False, cuda) == ("fp32", False)
+    assert sampling_precision("bf16", True, cuda) == ("bf16", True)
+    assert sampling_precision("bf16", True, cpu) == ("bf16", False)
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        sampling_precision("fp16", True, cpu)
+    for module in (sample, sample_ddp):
+        args = module.parse_args([])
+        assert (args.precision, args.tf32) == ("auto", True)
+        assert module.parse_args(["--no-tf32", "--precision", "bf16"]).tf32 is False
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:  # the switches follow the flag on CUDA (setup_distributed turns them on); CPU leaves them alone
+        assert apply_precision(sample.parse_args(["--no-tf32"]), cuda) == ("fp32", False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert apply_precision(sample.parse_args([]), cuda) == ("fp32", True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert apply_precision(sample.parse_args([]), cpu) == ("fp32", False)
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_default_checkpoint_is_dits_released_one():
+    """No --ckpt: DiT-XL/2 takes DiT-XL-2-<size>.pt as DiT's scripts do; other models want --ckpt or --random-init."""
+    from diffcompress.errors import UserError
+    from diffcompress.sampling import default_checkpoint
+
+    assert default_checkpoint(sample.parse_args([])) == "DiT-XL-2-256x256.pt"
+    assert default_checkpoint(sample.parse_args(["--image-size", "512"])) == "DiT-XL-2-512x512.pt"
+    assert default_checkpoint(sample.parse_args(["--ckpt", "x.pt"])) == "x.pt"
+    assert default_checkpoint(sample.parse_args(["--random-init"])) is None
+    with pytest.raises(UserError, match="--ckpt is required for --model DiT-D14/2"):
+        default_checkpoint(sample.parse_args(["--model", "DiT-D14/2"]))
+    with pytest.raises(UserError, match="--ckpt is required"):
+        default_checkpoint(sample.parse_args(["--image-size", "128"]))
+    with pytest.raises(UserError, match="exclude each other"):
+        default_checkpoint(sample.parse_args(["--random-init", "--ckpt", "x.pt"]))

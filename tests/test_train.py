@@ -1,6 +1,7 @@
 """train.py and the shared training loop: DDP under torchrun, exact resume, preemption, bad input."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -232,3 +233,52 @@ def test_epochs_and_keep_last(features, tmp_path):
     assert result.train_steps == 48 // 8  # one epoch of full global batches
     names = sorted(p.name for p in (result.experiment_dir / "checkpoints").iterdir())
     assert names == ["0000005.pt", "0000006.pt"]
+
+
+def test_epoch_based_runs_move_the_cosine_once_per_epoch_as_the_authors_scheduler():
+    args = train_script.parse_args(["--data-path", "x", "--lr", "2e-4", "--lr-min", "1e-4", "--epochs", "4"])
+    assert train_script.parse_args(["--data-path", "x"]).epochs == 1400  # DiT's default
+    floor = 0.5
+    for epoch in range(4):  # CosineAnnealingLR(T_max=4, eta_min=1e-4) stepped once per epoch of 10 steps
+        expected = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * epoch / 4))
+        for step in range(epoch * 10, epoch * 10 + 10):
+            assert lr_factor(step, args, 40, steps_per_epoch=10) == pytest.approx(expected)
+    args.max_steps = 40  # a step-based run: the cosine moves every step
+    assert lr_factor(5, args, 40, steps_per_epoch=10) != lr_factor(6, args, 40, steps_per_epoch=10)
+
+
+def test_results_dir_defaults_to_outputs_and_an_old_results_run_is_named(features, tmp_path, monkeypatch, script):
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "results" / "t-DiT-Ti-4" / "checkpoints"
+    old.mkdir(parents=True)
+    (old / "0000002.pt").write_bytes(b"")
+    result = script("train.py", *TINY_ARGS, "--data-path", features, "--prefix", "t", "--max-steps", "1",
+                    "--resume", "auto")  # fmt: skip
+    assert result.code == 2 and "pass --results-dir results to continue it" in result.last_line
+    result = script("train.py", *TINY_ARGS, "--data-path", features, "--prefix", "u", "--max-steps", "1",
+                    "--strong-aug", "--strict", "--vae", "none")  # fmt: skip
+    assert result.code == 0, result.err
+    assert (tmp_path / "outputs" / "u-DiT-Ti-4" / "checkpoints" / "0000001.pt").is_file()
+
+
+def test_tf32_flag_on_every_training_script():
+    """--tf32/--no-tf32 (DiT's default on) reaches the CUDA switches; a CPU has no TF32."""
+    import prune_by_learning
+    import train_masked_kd
+    from diffcompress.distributed import set_tf32
+
+    required = {train_masked_kd: ["--load-teacher", "t.pt"], prune_by_learning: []}
+    for module in (train_script, train_masked_kd, prune_by_learning):
+        base = ["--data-path", "x", "--model", "DiT-S/2", *required.get(module, [])]
+        assert module.parse_args(base).tf32 is True
+        assert module.parse_args([*base, "--no-tf32"]).tf32 is False
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        assert set_tf32(torch.device("cuda"), False) is False
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert set_tf32(torch.device("cuda"), True) is True
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert set_tf32(torch.device("cpu"), True) is False and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

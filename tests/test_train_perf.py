@@ -130,7 +130,7 @@ def test_gradient_checkpointing_gives_the_same_step(kind):
             model = DiT(**{**TINY, "depth": 2})
             objective, groups = kd_objective(model), None
         else:
-            flags = {"prune-frozen": [], "prune-lora": ["--lora"], "prune-full": ["--delta-w"]}[kind]
+            flags = {"prune-frozen": [], "prune-lora": ["--delta-w", "--lora"], "prune-full": ["--delta-w"]}[kind]
             ns = prune_by_learning.parse_args(["--data-path", "-", *flags])
             model, groups = prune_by_learning.configure_trainable(DiT(**TINY, groups="1:2"), ns)
             objective = prune_by_learning.pruning_objective(ns, max_steps=10)
