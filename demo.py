@@ -33,7 +33,7 @@ import torch
 
 from diffcompress import digits
 from diffcompress.checkpoint import load_dit_weights, load_file, read_metadata, save_checkpoint, select_state_dict
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, positive_int, run
 from diffcompress.errors import UserError
 from diffcompress.stages import StageRunner
 from models_with_layer_pruning import create_model
@@ -97,7 +97,7 @@ PRESETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--bench", action="store_const", const="bench", dest="preset", help="3 seeds, more steps")
     mode.add_argument("--quick", action="store_const", const="quick", dest="preset", help="a few steps of everything")
@@ -108,9 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="data/digits", help="prepared digits (made by prepare_digits.py when missing)")
     p.add_argument("--teacher", default=str(TEACHER), help="the dense 12-layer DiT-Digits/2")
     p.add_argument("--seeds", default=None, help="override the preset's seeds, e.g. '0,1'")
-    p.add_argument("--finetune-steps", type=int, default=None, help="override the preset's fine-tuning steps")
-    p.add_argument("--prune-steps", type=int, default=None, help="override the preset's learned-pruning steps")
-    p.add_argument("--num-samples", type=int, default=None, help="override the preset's samples per model")
+    p.add_argument("--finetune-steps", type=positive_int, default=None, help="override the preset's fine-tuning steps")
+    p.add_argument("--prune-steps", type=positive_int, default=None, help="override the preset's learned-pruning steps")
+    p.add_argument("--num-samples", type=positive_int, default=None, help="override the preset's samples per model")
     p.add_argument("--command", default=None, help="--export-teacher: the training command to record")
     return p.parse_args(argv)
 

@@ -43,7 +43,7 @@ from aptp import digits_world as world
 from aptp.assignments import read_expert_ids, read_experts, read_router_info, read_summary
 from diffcompress import digits
 from diffcompress.checkpoint import load_file, write_json_atomic
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, run
 from diffcompress.errors import UserError
 from diffcompress.fid_metrics import activation_statistics, frechet_distance
 from diffcompress.stages import StageRunner
@@ -96,7 +96,7 @@ PRESETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_const", const="quick", dest="preset", help="a few steps of everything")
     mode.add_argument("--train-teacher", action="store_true", help="re-train the teacher and export it to --teacher")

@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, run
 from diffcompress.downloads import RELEASED, fetch_released, offline, pretrained_dir
 from diffcompress.errors import UserError
 from diffcompress.vae import HUB_VAES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", default=[], choices=list(RELEASED), help="a released checkpoint")
     p.add_argument("--all", action="store_true", help="every released checkpoint")
     p.add_argument("--vae", action="append", default=[], choices=list(HUB_VAES), help="a Stable Diffusion VAE")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from diffcompress.checkpoint import CheckpointError, load_file
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, run
 from diffcompress.errors import UserError
 
 LOG_LINE = re.compile(r"\(step=(\d+)\).*?kept=\[([\d, ]*)\] decisions/confidence (.*)$")
@@ -32,7 +32,7 @@ LOG_GROUP = re.compile(r"\[([\d, ]*)\]:([\d.]+)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="experiment folder, decisions.json, a checkpoint .pt, or a stdout log of the run")
     p.add_argument("--out", default=None, help="PNG path (default: decision.png beside the source)")
     p.add_argument(

@@ -20,24 +20,32 @@ import json
 
 import torch
 
-from diffcompress.adm_eval import default_cache, evaluate, load_backend
+from diffcompress.adm_eval import (
+    NpzImages,
+    check_batches,
+    default_cache,
+    evaluate,
+    load_backend,
+    precomputed_statistics,
+)
 from diffcompress.checkpoint import write_json_atomic
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, positive_int, run
+from diffcompress.distributed import resolve_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ref_batch", help="reference batch .npz (arr_0, optional mu/sigma/mu_s/sigma_s)")
     p.add_argument("sample_batch", help="sample batch .npz (arr_0)")
     p.add_argument("--backend", choices=["torch", "tf"], default="torch")
     p.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05-6726825d.pth (torch)")
     p.add_argument("--inception-graph", default=None, help="local classify_image_graph_def.pb (tf)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--cache-dir", default=None, help=f"activation cache (default: {default_cache()})")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached activations")
     p.add_argument("--recompute-ref-stats", action="store_true", help="ignore the reference file's mu/sigma")
-    p.add_argument("--split-size", type=int, default=5000, help="Inception Score split size")
+    p.add_argument("--split-size", type=positive_int, default=5000, help="Inception Score split size")
     p.add_argument("--json-out", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -45,7 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict:
     if args.batch_size < 1 or args.split_size < 1:
         raise ValueError("--batch-size and --split-size must be positive")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # both batches readable and comparable, the reference's own statistics sound, before weights load or download
+    check_batches(NpzImages(args.ref_batch), NpzImages(args.sample_batch))
+    if not args.recompute_ref_stats:
+        precomputed_statistics(args.ref_batch)
+    device = str(resolve_device(args.device))
     if device.startswith("cuda"):  # full fp32 convolutions: the features feed a covariance, keep them exact
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -28,8 +28,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from diffcompress.checkpoint import write_json_atomic
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, non_negative_int, positive_int, run
 from diffcompress.data import (
+    ON_EMPTY,
     CroppedImages,
     ImageFolderIndex,
     collate_images,
@@ -46,19 +47,27 @@ NO_EFFECT = ("--results-dir", "--epochs", "--global-batch-size", "--log-every", 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-XL/2", help="accepted for compatibility with the original; recorded only")
     p.add_argument("--data-path", required=True, help="ImageNet-style folder: <data-path>/<class>/<images>")
     p.add_argument("--features-path", default="features")
-    p.add_argument("--image-size", type=int, default=256, help="a multiple of 8 with a VAE; any size with --vae none")
+    p.add_argument(
+        "--image-size", type=positive_int, default=256, help="a multiple of 8 with a VAE; any size with --vae none"
+    )
     p.add_argument("--vae", default="ema", help="ema | mse | a local diffusers VAE folder | none (store pixels)")
-    p.add_argument("--global-seed", type=int, default=0, help="seeds each image's latent sample (with its index)")
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=32, help="images per process and step")
+    p.add_argument(
+        "--global-seed", type=non_negative_int, default=0, help="seeds each image's latent sample (with its index)"
+    )
+    p.add_argument("--num-workers", type=non_negative_int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per process and step")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    p.add_argument(
+        "--on-empty", choices=ON_EMPTY, default="report",
+        help="a class folder without images: report it (its label stays reserved, 0 samples) or fail",
+    )  # fmt: skip
     p.add_argument("--packed", action="store_true", help="also write the packed layout (features.npy + labels.npy)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    p.add_argument("--num-classes", type=int, default=None, help="when given, the most class folders allowed")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="when given, the most class folders allowed")
     g = p.add_argument_group("the authors' training flags, accepted with no effect on extraction")
     for flag in NO_EFFECT:
         g.add_argument(flag, default=None)
@@ -122,6 +131,9 @@ def main(args: argparse.Namespace) -> Path:
     if args.image_size <= 0 or args.batch_size <= 0 or args.num_workers < 0:
         raise ValueError("--image-size and --batch-size must be positive and --num-workers >= 0")
     index = ImageFolderIndex(args.data_path)
+    empty_line = index.empty_classes_line(args.on_empty)  # raises with --on-empty fail
+    if empty_line and info.is_main:
+        print(empty_line)
     if args.num_classes is not None and len(index.classes) > args.num_classes:
         raise ValueError(
             f"--data-path {args.data_path} has {len(index.classes)} class folders, more than --num-classes "
@@ -143,7 +155,7 @@ def main(args: argparse.Namespace) -> Path:
         classes=index.classes, num_classes=len(index.classes), model=args.model, data_path=str(Path(args.data_path)),
         views=2, view_order=["original", "hflip"], latent_scale=1.0 if args.vae == "none" else LATENT_SCALE,
         latent="pixels" if args.vae == "none" else "posterior sample, noise seeded by (global_seed, index)",
-        features_dir=feat_dir.name, labels_dir=label_dir.name,
+        features_dir=feat_dir.name, labels_dir=label_dir.name, empty_classes=index.empty_classes,
     )  # fmt: skip
     check_manifest(out, config)
     feat_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +208,10 @@ def main(args: argparse.Namespace) -> Path:
         print(f"{len(done)} of {len(index)} images encoded ({written} new) into {feat_dir} and {label_dir}")
         if failed:
             examples = ", ".join(str(index[i][0]) for i, _ in failed[:3])
-            print(f"skipped {len(failed)} unreadable images (e.g. {examples}); listed in {out / 'manifest.json'}")
+            print(
+                f"skipped {len(failed)} unreadable images (e.g. {examples}; the first: {failed[0][1]}); listed in "
+                f"{out / 'manifest.json'} (--strict stops at the first)"
+            )
         if done and (args.packed or (packed and written)):  # an existing packed copy must not go stale
             dtype = kept.get("packed_dtype", "float16")
             pack_features(out, dtype=dtype, name=f"imagenet{args.image_size}")

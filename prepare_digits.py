@@ -15,15 +15,15 @@ import argparse
 
 import numpy as np
 
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, non_negative_int, run, unit_float
 from diffcompress.digits import prepare
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/digits", help="output folder (gets train/ and heldout/)")
-    p.add_argument("--heldout-fraction", type=float, default=0.2, help="share of every class held out")
-    p.add_argument("--seed", type=int, default=0, help="seeds the choice of held-out images")
+    p.add_argument("--heldout-fraction", type=unit_float, default=0.2, help="share of every class held out")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the choice of held-out images")
     return p.parse_args(argv)
 
 

@@ -37,7 +37,7 @@ import re
 import numpy as np
 
 from diffcompress.checkpoint import infer_dit_config, load_dit_weights, load_state_dict, model_hint, save_pruned
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, non_negative_int, positive_int, run
 from diffcompress.downloads import resolve_checkpoint
 from models_with_layer_pruning import DiT_models, Groups, check_kept_indices, create_model, keep_patterns, parse_groups
 
@@ -49,18 +49,24 @@ NO_EFFECT = ("--data-path", "--vae", "--cfg-scale", "--num-sampling-steps", "--p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=PLAIN_MODELS, default="DiT-XL/2", help="the source model's registry name")
     p.add_argument("--ckpt", required=True, help="source weights (state dict, training checkpoint or safetensors)")
     p.add_argument("--no-ema", action="store_true", help="use 'model' instead of 'ema' from a training checkpoint")
     p.add_argument("--kept-indices", required=True,
                    help="a list like '[0,2,4]' or '0,2,4' | oracle | paper-oracle | random")  # fmt: skip
-    p.add_argument("--target-depth", type=int, default=None, help="oracle: blocks to keep (default: depth // 2)")
+    p.add_argument(
+        "--target-depth", type=positive_int, default=None, help="oracle: blocks to keep (default: depth // 2)"
+    )
     p.add_argument("--groups", default="1:2", help="random: N:M groups, e.g. '1:2' (tiled), '2:4,2:4' or '[[1,2]]'")
-    p.add_argument("--seed", type=int, default=0, help="random: seeds the choice of patterns")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random: seeds the choice of patterns")
     p.add_argument("--save-model", default=None, help="output path of the pruned state dict (.pt or .safetensors)")
-    p.add_argument("--image-size", type=int, default=None, help="checked against the checkpoint when given (256)")
-    p.add_argument("--num-classes", type=int, default=None, help="checked against the checkpoint when given (1000)")
+    p.add_argument(
+        "--image-size", type=positive_int, default=None, help="checked against the checkpoint when given (256)"
+    )
+    p.add_argument(
+        "--num-classes", type=positive_int, default=None, help="checked against the checkpoint when given (1000)"
+    )
     g = p.add_argument_group("the authors' flags with no effect on a fixed choice of blocks")
     for flag in NO_EFFECT:
         g.add_argument(flag, default=None)
@@ -150,7 +156,7 @@ def main(args: argparse.Namespace) -> list[int]:
     if changed := [flag for flag in NO_EFFECT if getattr(args, flag[2:].replace("-", "_")) is not None]:
         print(f"note: {', '.join(changed)} have no effect on pruning by index (accepted for the authors' commands)")
     args.ckpt = resolve_checkpoint(args.ckpt)  # a released name (downloaded once) or a run folder's prefix
-    state_dict = load_state_dict(args.ckpt, use_ema=not args.no_ema)
+    state_dict = load_state_dict(args.ckpt, use_ema=not args.no_ema, flag="--ckpt")
     cfg = infer_dit_config(state_dict)
     latent, classes = cfg["input_size"], cfg["num_embeddings"] - 1
     if args.image_size is not None and args.image_size not in (latent, latent * 8):
@@ -162,7 +168,8 @@ def main(args: argparse.Namespace) -> list[int]:
         args.model, input_size=cfg["input_size"], in_channels=cfg["in_channels"], learn_sigma=cfg["learn_sigma"],
         num_classes=classes,  # DiT trains with label dropout: the last row of the table is the null class
     )  # fmt: skip
-    load_dit_weights(model, state_dict)  # strict; a wrong --model gets a one-line error naming the right one
+    # strict; a wrong --model gets a one-line error naming the right one
+    load_dit_weights(model, state_dict, name=f"checkpoint {str(args.ckpt)!r} (--ckpt)")
     shallow = model.pruned(kept)
     print(f"kept indices ({method}{f', groups {groups}, seed {args.seed}' if groups else ''}): {kept}")
     print(f"removed indices: {[i for i in range(model.depth) if i not in kept]}")

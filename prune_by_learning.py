@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from diffcompress.checkpoint import load_dit_weights, load_state_dict, save_pruned, select_state_dict
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, positive_float, positive_int, run
 from diffcompress.data import open_features
 from diffcompress.distributed import DistInfo, cleanup, seed_everything, setup_distributed
 from diffcompress.downloads import resolve_checkpoint
@@ -56,13 +56,15 @@ from models_with_layer_pruning import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(DiT_models), default="DiT-XL-1-2")
     p.add_argument("--groups", default=None, help="custom N:M groups, e.g. '[[2,4],[3,4]]' or '1:2' (tiles the depth)")
     p.add_argument("--load-weight", default=None, help="the dense model to prune (any checkpoint format)")
     p.add_argument("--data-path", required=True, help="extracted features (either layout of extract_features.py)")
-    p.add_argument("--image-size", type=int, default=None, help="checked against the features (latents = size / 8)")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument(
+        "--image-size", type=positive_int, default=None, help="checked against the features (latents = size / 8)"
+    )
+    p.add_argument("--num-classes", type=positive_int, default=1000)
     p.add_argument("--vae", choices=["ema", "mse"], default="ema",
                    help="the VAE the features came from (recorded; the two share one encoder, so, as in the authors' "
                    "script, the choice does not change pruning)")  # fmt: skip
@@ -74,16 +76,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="the update of --delta-w is LoRA on every Linear; without --delta-w only the gates train",
     )
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16)
+    p.add_argument("--lora-rank", type=positive_int, default=8)
+    p.add_argument("--lora-alpha", type=positive_float, default=16)
     p.add_argument("--merge-weights", action="store_true", help="save kept blocks with the learned update folded in")
-    p.add_argument("--tau-range", type=float, nargs=2, default=[4.0, 0.1], metavar=("START", "END"))
-    p.add_argument("--scaling-range", type=float, nargs=2, default=[100.0, 100.0], metavar=("START", "END"))
-    p.add_argument("--gate-lr-mult", type=float, default=10.0, help="gate logits' lr relative to --lr")
+    p.add_argument("--tau-range", type=positive_float, nargs=2, default=[4.0, 0.1], metavar=("START", "END"))
+    p.add_argument("--scaling-range", type=positive_float, nargs=2, default=[100.0, 100.0], metavar=("START", "END"))
+    p.add_argument("--gate-lr-mult", type=positive_float, default=10.0, help="gate logits' lr relative to --lr")
     p.add_argument("--save-model", default=None, help="output path (default: <experiment folder>/pruned.pt)")
     add_training_args(p, lr=1e-4, lr_min=1e-4, ema_decay=0.999, global_batch_size=128, schedule="constant")
     p.set_defaults(prefix="prune")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tau_range[0] < args.tau_range[1]:  # the Gumbel temperature anneals down: soft gates first, hard last
+        p.error(f"argument --tau-range: START {args.tau_range[0]:g} must be >= END {args.tau_range[1]:g}")
+    return args
 
 
 def update_kind(args: argparse.Namespace) -> str:
@@ -145,7 +150,10 @@ def load_start_weights(model: DiT, source, args: argparse.Namespace) -> None:
     adapters start at zero), or a pruning checkpoint of ours or of the authors' code (gates and LoRA
     adapters too; a training checkpoint's ``ema`` entry). Call after ``configure_trainable``."""
     name = f"--load-weight {source}" if not isinstance(source, dict) else "--load-weight"
-    state = select_state_dict(source, source=name) if isinstance(source, dict) else load_state_dict(source)
+    if isinstance(source, dict):
+        state = select_state_dict(source, source=name)
+    else:
+        state = load_state_dict(source, flag="--load-weight")
     state = from_authors_state_dict(state)
     adapters = {k for k in state if ".lora_a." in k or ".lora_b." in k}
     layers = lora_layers(model)
@@ -160,7 +168,7 @@ def load_start_weights(model: DiT, source, args: argparse.Namespace) -> None:
             raise UserError(f"{name} has LoRA rank {a.shape[0]}: pass --lora-rank {a.shape[0]}")
     own = model.state_dict()  # adapters and gates the file lacks keep their fresh values
     fresh = {k: v for k, v in own.items() if k not in state and (k.startswith("gate_logits") or ".lora_" in k)}
-    load_dit_weights(model, {**state, **fresh}, use_ema=True)
+    load_dit_weights(model, {**state, **fresh}, use_ema=True, name=name)
 
 
 def plain_state_dict(model: DiT, merge: bool) -> dict[str, torch.Tensor]:

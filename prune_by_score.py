@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from diffcompress.checkpoint import load_dit_weights, model_hint, save_pruned
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, non_negative_int, positive_int, run
 from diffcompress.data import CroppedImages, FeatureDataset, ImageFolderIndex, collate_images
+from diffcompress.distributed import resolve_device
 from diffcompress.downloads import resolve_checkpoint
 from diffcompress.errors import UserError
 from diffcompress.progress import progress_bar
@@ -50,7 +51,7 @@ LEGACY_T_MAX = 250  # the authors' script drew t from [0, 250) on a model traine
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=PLAIN_MODELS, default="DiT-XL/2", help="the source model's registry name")
     p.add_argument("--ckpt", default=None, help="source weights (state dict, training checkpoint or safetensors)")
     p.add_argument("--no-ema", action="store_true", help="use 'model' instead of 'ema' from a training checkpoint")
@@ -61,15 +62,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--image-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="images: crop size (default 256); features: checked against the latents when given",
     )
     p.add_argument("--vae", default="ema", help="images only: ema | mse | a local diffusers VAE folder | none")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--nsamples", type=int, default=128, help="calibration samples (a seeded random subset)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=2, help="images only: data loader workers")
+    p.add_argument("--num-classes", type=positive_int, default=1000)
+    p.add_argument("--nsamples", type=positive_int, default=128, help="calibration samples (a seeded random subset)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--num-workers", type=non_negative_int, default=2, help="images only: data loader workers")
     p.add_argument(
         "--pruner",
         default="bi",
@@ -79,15 +80,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg-scale", type=float, default=None, help="accepted for the authors' commands; no effect")
     p.add_argument(
         "--num-sampling-steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="accepted for the authors' commands; no effect (scoring samples nothing)",
     )
-    p.add_argument("--n-pruned", type=int, required=True, help="how many blocks to remove")
+    p.add_argument("--n-pruned", type=positive_int, required=True, help="how many blocks to remove")
     p.add_argument("--legacy-bi", action="store_true",
                    help=f"the authors' inputs: clean latents with t uniform in [0, {LEGACY_T_MAX})")  # fmt: skip
     p.add_argument("--save-model", default=None, help="output path of the pruned state dict (.pt or .safetensors)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the calibration subset, timesteps and noise")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the calibration subset, timesteps and noise")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     return p.parse_args(argv)
 
@@ -188,9 +189,15 @@ class BlockInfluence:
 
     def scores(self) -> list[float]:
         """BI per block: 1 - the mean cosine similarity over all tokens of all samples seen (>= 0: a cosine
-        is at most 1, so a negative value is rounding and reads 0)."""
+        is at most 1, so a negative value is rounding and reads 0). A NaN or inf similarity (NaN or inf activations)
+        is an error naming the blocks: clamped to 0 it would read "least influential" and remove the wrong blocks."""
         if min(self.counts) == 0:
             raise RuntimeError(f"blocks {[i for i, c in enumerate(self.counts) if c == 0]} never ran")
+        if bad := [i for i, s in enumerate(self.sums) if not math.isfinite(s)]:
+            raise UserError(
+                f"the block scores of blocks {bad} are not finite (NaN or inf activations, from the --ckpt weights or "
+                f"the --data-path inputs): no blocks are chosen and nothing is written"
+            )
         return [max(0.0, 1.0 - s / c) for s, c in zip(self.sums, self.counts)]
 
     def remove(self) -> None:
@@ -269,10 +276,7 @@ def main(args: argparse.Namespace) -> ScoreResult:
         raise UserError("prune_by_score.py runs as one process: start it with python, not torchrun")
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA device is available")
-    device = torch.device(want)
+    device = resolve_device(args.device)
     data_path = Path(args.data_path)
     if not data_path.is_dir():
         default = " (the default)" if args.data_path == DEFAULT_DATA_PATH else ""
@@ -298,7 +302,7 @@ def main(args: argparse.Namespace) -> ScoreResult:
     model = create_model(
         args.model, input_size=calibration.latent_size, num_classes=args.num_classes, in_channels=calibration.channels
     )
-    load_dit_weights(model, args.ckpt, use_ema=not args.no_ema)
+    load_dit_weights(model, args.ckpt, use_ema=not args.no_ema, flag="--ckpt")
     model.to(device).eval()
 
     inputs = (

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, non_negative_int, run
 from diffcompress.distributed import setup_distributed
 from diffcompress.sampling import add_sampling_args, apply_precision, load_model_and_codec, sample_latents, save_grid
 
@@ -23,10 +23,10 @@ DEFAULT_IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_args(p, cfg_scale=4.0)
     p.add_argument("--class-labels", default=None, help="comma-separated labels (default: 8 fixed classes)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default="sample.png")
     return p.parse_args(argv)
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffcompress.checkpoint import write_json_atomic
-from diffcompress.cli import run
+from diffcompress.checkpoint import atomic_path, write_json_atomic
+from diffcompress.cli import ArgumentParser, non_negative_int, positive_int, run
 from diffcompress.distributed import barrier, cleanup, setup_distributed
 from diffcompress.errors import UserError
 from diffcompress.progress import progress_bar
@@ -39,12 +39,12 @@ RUN_FREE_FLAGS = ("num_fid_samples", "per_proc_batch_size", "sample_dir", "devic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_args(p, cfg_scale=1.5)
-    p.add_argument("--num-fid-samples", type=int, default=50_000)
-    p.add_argument("--per-proc-batch-size", type=int, default=32)
+    p.add_argument("--num-fid-samples", type=positive_int, default=50_000)
+    p.add_argument("--per-proc-batch-size", type=positive_int, default=32)
     p.add_argument("--sample-dir", default="samples")
-    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--global-seed", type=non_negative_int, default=0)
     p.add_argument("--balanced-labels", action="store_true", help="labels i mod num-classes instead of uniform")
     return p.parse_args(argv)
 
@@ -91,6 +91,43 @@ def check_same_run(folder: Path, record: dict) -> None:
                         "delete the folder or pass another --sample-dir")  # fmt: skip
 
 
+def png_problem(path: Path, size: int) -> str | None:
+    """Why the PNG at ``path`` cannot be one of these samples (None when it can): a cheap check of its header, size
+    and chunk checksums, without decoding the pixels."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with Image.open(path) as img:
+            if img.format != "PNG" or img.mode != "RGB" or img.size != (size, size):
+                return f"{img.format} {img.mode} {img.size[0]}x{img.size[1]}, expected PNG RGB {size}x{size}"
+            img.verify()  # reads every chunk to IEND, checking CRCs: catches truncation and flipped bytes
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises SyntaxError for a broken PNG structure
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def read_png(path: Path, size: int) -> np.ndarray:
+    """The pixels of one sample PNG, uint8 [size, size, 3]; a file that cannot be read is named."""
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: unreadable sample PNG ({type(e).__name__}: {e}); delete it and run again") from None
+    if arr.shape != (size, size, 3):
+        raise UserError(
+            f"{path}: sample of shape {list(arr.shape)}, expected [{size}, {size}, 3]; delete it and run again"
+        )
+    return arr
+
+
+def total_over_processes(n: int, device: torch.device) -> int:
+    if not torch.distributed.is_initialized():
+        return n
+    t = torch.tensor([n], device=device)
+    torch.distributed.all_reduce(t)
+    return int(t.item())
+
+
 @torch.no_grad()
 def main(args: argparse.Namespace) -> Path:
     if args.num_fid_samples <= 0 or args.per_proc_batch_size <= 0:
@@ -105,10 +142,24 @@ def main(args: argparse.Namespace) -> Path:
     barrier()
     if info.is_main:
         write_json_atomic(folder / "run.json", record)
+        for stale in folder.glob(".*.png.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
+    barrier()
     done = {int(n[:-4]) for n in os.listdir(folder) if n.endswith(".png") and n[:-4].isdigit()}
-    todo = [i for i in range(info.rank, args.num_fid_samples, info.world_size) if i not in done]
+    mine = range(info.rank, args.num_fid_samples, info.world_size)
+    # each process checks the PNGs it would make: a truncated or corrupt one is made again, never packed
+    problems = {i: png_problem(folder / f"{i:06d}.png", args.image_size) for i in mine if i in done}
+    broken = [i for i, problem in problems.items() if problem is not None]
+    first_problem = problems[broken[0]] if broken else None
+    todo = [i for i in mine if problems.get(i) is not None or i not in problems]
+    n_broken = total_over_processes(len(broken), device)
     if info.is_main:
-        print(f"{len(done)} of {args.num_fid_samples} samples exist in {folder}; {info.world_size} process(es)")
+        print(f"{len(done) - n_broken} of {args.num_fid_samples} samples exist in {folder}; {info.world_size} "
+              "process(es)")  # fmt: skip
+        if n_broken:
+            example = f" (e.g. {broken[0]:06d}.png: {first_problem})" if broken else ""
+            print(f"note: {n_broken} existing PNG(s) in {folder} are truncated, corrupt or of another size"
+                  f"{example}; making them again")  # fmt: skip
     shape = (codec.channels, latent, latent)
     for start in progress_bar(range(0, len(todo), args.per_proc_batch_size), disable=not info.is_main, desc="batches"):
         ids = todo[start : start + args.per_proc_batch_size]
@@ -123,12 +174,11 @@ def main(args: argparse.Namespace) -> Path:
     barrier()
     out = folder.parent / f"{folder.name}.npz"  # not with_suffix: the name holds dots (cfg-1.5)
     if info.is_main:
-        arr = np.stack([np.asarray(Image.open(folder / f"{i:06d}.png")) for i in
+        arr = np.stack([read_png(folder / f"{i:06d}.png", args.image_size) for i in
                         progress_bar(range(args.num_fid_samples), desc="npz")])  # fmt: skip
         labels = np.array([label_of(i, args) for i in range(args.num_fid_samples)], dtype=np.int64)
-        tmp = out.with_name(f".{out.name}.tmp.npz")
-        np.savez(tmp, arr_0=arr, labels=labels, precision=np.array(precision), tf32=np.array(tf32))
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:  # a full disk names the npz and leaves no half file
+            np.savez(tmp, arr_0=arr, labels=labels, precision=np.array(precision), tf32=np.array(tf32))
         print(f"wrote {out} (arr_0 {arr.shape} uint8 in index order, labels; sampled in {precision}"
               f"{', TF32 matmuls' if tf32 else ''}) from the PNGs in {folder}")  # fmt: skip
     barrier()

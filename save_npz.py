@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, positive_int, run
+from diffcompress.data import to_rgb8
 from diffcompress.errors import UserError
 from diffcompress.progress import progress_bar
 
@@ -27,10 +28,10 @@ INDEXED = re.compile(r"^(\d+)\.png$")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sample_dir", nargs="?", default=None, help="folder of PNGs named by index (000000.png, ...)")
     p.add_argument("--sample-dir", dest="sample_dir_flag", default=None, help="same as the positional folder")
-    p.add_argument("--num-fid-samples", "--num", type=int, default=None,
+    p.add_argument("--num-fid-samples", "--num", type=positive_int, default=None,
                    help="pack indices 0..N-1 (default: every indexed PNG in the folder)")  # fmt: skip
     p.add_argument("--output", default=None, help="npz path (default: <folder>.npz beside the folder)")
     p.add_argument("--any-names", action="store_true", help="pack every *.png in natural name order")
@@ -85,7 +86,7 @@ def pack(files: list[Path], output: Path) -> tuple[np.ndarray, int]:
         try:
             with Image.open(file) as img:
                 if img.mode != "RGB":
-                    img, converted = img.convert("RGB"), converted + 1
+                    img, converted = to_rgb8(img, file), converted + 1
                 image = np.asarray(img, dtype=np.uint8)
         except OSError as e:
             raise UserError(f"{file} is not a readable PNG ({e})") from None

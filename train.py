@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 
 from diffcompress.checkpoint import load_dit_weights, read_metadata
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, positive_int, run
 from diffcompress.data import check_features_vae, open_features
 from diffcompress.distributed import cleanup, seed_everything, setup_distributed
 from diffcompress.downloads import resolve_checkpoint
@@ -31,13 +31,17 @@ from models_with_layer_pruning import DiT_models, create_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(DiT_models), default="DiT-XL/2")
     p.add_argument("--data-path", required=True, help="extracted features (either layout of extract_features.py)")
-    p.add_argument("--depth", type=int, default=None, help="override the model's depth (a model pruned from it)")
+    p.add_argument(
+        "--depth", type=positive_int, default=None, help="override the model's depth (a model pruned from it)"
+    )
     p.add_argument("--load-weight", default=None, help="initial weights: a full or pruned checkpoint")
-    p.add_argument("--image-size", type=int, default=None, help="checked against the features (latents = size / 8)")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument(
+        "--image-size", type=positive_int, default=None, help="checked against the features (latents = size / 8)"
+    )
+    p.add_argument("--num-classes", type=positive_int, default=1000)
     p.add_argument("--vae", default=None,
                    help="ema | mse | none | a local VAE folder: the VAE the features were encoded with, checked "
                         "against their manifest (default: not checked)")  # fmt: skip
@@ -59,7 +63,7 @@ def main(args: argparse.Namespace) -> TrainResult:
     depth = {"depth": args.depth} if args.depth else {}
     model = create_model(args.model, input_size=latent, num_classes=args.num_classes, in_channels=channels, **depth)
     if args.load_weight:  # a resumed checkpoint overrides these weights
-        load_dit_weights(model, args.load_weight)
+        load_dit_weights(model, args.load_weight, flag="--load-weight")
         meta = read_metadata(args.load_weight)
         if info.is_main and meta:
             print(f"initialised from {args.load_weight} (kept blocks {meta.get('kept_indices')})")

@@ -31,7 +31,7 @@ import math
 import torch
 
 from diffcompress.checkpoint import load_dit_weights, read_metadata
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, non_negative_float, positive_int, run, unit_float
 from diffcompress.data import check_features_vae, open_features
 from diffcompress.distributed import cleanup, seed_everything, setup_distributed
 from diffcompress.downloads import resolve_checkpoint
@@ -43,20 +43,26 @@ Pairs = list[tuple[int, int]]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(DiT_models), default="DiT-D14/2", help="the student")
-    p.add_argument("--depth", type=int, default=None, help="override the student's depth (a model pruned from it)")
+    p.add_argument(
+        "--depth", type=positive_int, default=None, help="override the student's depth (a model pruned from it)"
+    )
     p.add_argument("--load-weight", default=None, help="the student's initial (pruned) weights")
     p.add_argument("--teacher", choices=list(DiT_models), default="DiT-XL/2")
     p.add_argument("--load-teacher", required=True, help="the teacher's weights (any checkpoint format)")
     p.add_argument("--data-path", required=True, help="extracted features (either layout of extract_features.py)")
-    p.add_argument("--image-size", type=int, default=None, help="checked against the features (latents = size / 8)")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--alpha-kd", type=float, default=0.9, help="weight of the distillation terms")
-    p.add_argument("--beta-feat", type=float, default=1e-2, help="initial weight of the feature loss (-> 0)")
+    p.add_argument(
+        "--image-size", type=positive_int, default=None, help="checked against the features (latents = size / 8)"
+    )
+    p.add_argument("--num-classes", type=positive_int, default=1000)
+    p.add_argument("--alpha-kd", type=unit_float, default=0.9, help="weight of the distillation terms")
+    p.add_argument(
+        "--beta-feat", type=non_negative_float, default=1e-2, help="initial weight of the feature loss (-> 0)"
+    )
     p.add_argument("--beta-schedule", choices=["epoch", "step"], default="epoch",
                    help="decay beta once per epoch (the authors') or at every step")  # fmt: skip
-    p.add_argument("--mask-std", type=float, default=2.0, help="mask |h - mean| >= k std (0: no masking)")
+    p.add_argument("--mask-std", type=non_negative_float, default=2.0, help="mask |h - mean| >= k std (0: no masking)")
     p.add_argument("--layer-pairs", default=None, help="student:teacher pairs, e.g. '0:1,1:3' (default: see docs)")
     p.add_argument("--vae", default=None,
                    help="ema | mse | none | a local VAE folder: the VAE the features were encoded with, checked "
@@ -196,9 +202,9 @@ def main(args: argparse.Namespace) -> TrainResult:
     shape = dict(input_size=latent, num_classes=args.num_classes, in_channels=channels)
     student = create_model(args.model, **shape, **({"depth": args.depth} if args.depth else {}))
     if args.load_weight:
-        load_dit_weights(student, args.load_weight)
+        load_dit_weights(student, args.load_weight, flag="--load-weight")
     teacher = create_model(args.teacher, **shape)
-    load_dit_weights(teacher, args.load_teacher)
+    load_dit_weights(teacher, args.load_teacher, flag="--load-teacher", model_flag="--teacher")
     teacher.to(info.device)
     if args.compile:  # the loop compiles the student; the teacher's forward is a large share of the step
         compile_blocks(teacher)

@@ -23,25 +23,25 @@ import numpy as np
 import torch
 
 from diffcompress.checkpoint import load_dit_weights
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, non_negative_int, positive_int, run
 from diffcompress.errors import UserError
 from diffusion import create_diffusion
 from models_with_layer_pruning import DiT, DiT_models, create_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-XL/2", help="registered model name (DiT-XL/2, DiT-D14/2, ...)")
     p.add_argument("--ckpt", default=None, help="weights: a state dict, training checkpoint or safetensors file")
     p.add_argument("--random-init", action="store_true", help="no --ckpt: random weights (a smoke test only)")
-    p.add_argument("--depth", type=int, default=None, help="override the model's depth (a pruned model)")
+    p.add_argument("--depth", type=positive_int, default=None, help="override the model's depth (a pruned model)")
     p.add_argument("--data-path", default=None, help="feature folder (extract_features.py); default N(0,1) latents")
-    p.add_argument("--image-size", type=int, default=256, help="image size: latents are image-size / 8")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--num-samples", type=int, default=16, help="latents per timestep")
+    p.add_argument("--image-size", type=positive_int, default=256, help="image size: latents are image-size / 8")
+    p.add_argument("--num-classes", type=positive_int, default=1000)
+    p.add_argument("--num-samples", type=positive_int, default=16, help="latents per timestep")
     p.add_argument("--timesteps", default="100,500,900", help="comma-separated diffusion timesteps to noise to")
     p.add_argument("--mask-std", default="2,4", help="comma-separated k: share masked at |h - mean| >= k std")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default="outputs/activations/massive_activations.png", help="PNG path")
     args = p.parse_args(argv)
     args.timesteps = _numbers(args.timesteps, int, "--timesteps")
@@ -174,7 +174,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--model {args.model} is a pruning model (gates skip blocks): give a plain one, e.g. DiT-XL/2")
     model = create_model(args.model, **kw)
     if args.ckpt:
-        load_dit_weights(model, args.ckpt)
+        load_dit_weights(model, args.ckpt, flag="--ckpt")
     model.eval()
     latents, labels = load_latents(args, model, g)
     stats = activation_stats(model, latents, labels, args.timesteps, args.mask_std, seed=args.seed)

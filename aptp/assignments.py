@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffcompress.checkpoint import load_file, write_json_atomic
+from diffcompress.checkpoint import check_weights, load_file, write_json_atomic
 from diffcompress.errors import UserError
 
 from . import mapped_indices, original
@@ -160,6 +160,7 @@ def load_router(
             expert_threshold=info.get("expert_threshold", "none"),  # routers before it thresholded without noise
         )  # fmt: skip
         state = load_file(_need(Path(prune_dir) / ROUTER_WEIGHTS, "no router weights", _PRUNE_HINT))
+        check_weights(state, str(Path(prune_dir) / ROUTER_WEIGHTS), router.state_dict())
         router.load_state_dict(state, strict=True)
         if (Path(prune_dir) / EXPERTS).is_file():
             experts = read_experts(prune_dir)["experts"]

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from diffcompress.cli import ArgumentParser, non_negative_int
 from diffcompress.errors import UserError
 
 from .config import read_yaml as read_yaml_file
@@ -79,14 +80,14 @@ FLAGS = {  # flag -> (type, help)
     "prompt_encoder_model_name_or_path": (str, "sentence encoder (theirs: sentence-transformers/all-mpnet-base-v2)"),
     "pruning_ckpt_dir": (str, "the pruning run's checkpoint folder (filter_dataset, finetune)"),
     "finetuning_ckpt_dir": (str, "the fine-tuned expert's folder (generate_fid_images)"),
-    "expert_id": (int, "the expert (finetune, generate_fid_images)"),
-    "seed": (int, "random seed (theirs: 43)"),
+    "expert_id": (non_negative_int, "the expert (finetune, generate_fid_images)"),
+    "seed": (non_negative_int, "random seed (theirs: 43)"),
     "revision": (str, "hub revision of the Stable Diffusion model"),
     "non_ema_revision": (str, "hub revision of the UNet (theirs: --revision)"),
     "wandb_run_name": (str, "the run folder's name (prune)"),
     "tracker_project_name": (str, "the tracker's project (theirs: text2image-dynamic-pruning)"),
     "pruning_type": (str, "multi-expert (used by none of these scripts)"),
-    "local_rank": (int, "set by the launcher"),
+    "local_rank": (non_negative_int, "set by the launcher"),
     "mixed_precision": (str, "no effect in theirs"),
     "cache_dir": (str, "no effect in theirs"),
     "clip_model_name_or_path": (str, "no effect in theirs"),
@@ -103,7 +104,7 @@ IGNORED_WHY = (
 
 def authors_parser(description: str) -> argparse.ArgumentParser:
     """The authors' shared parser: every flag of arg_utils.py, in each script."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = ArgumentParser(description=description)
     for flag, (kind, text) in FLAGS.items():
         parser.add_argument(f"--{flag}", type=kind, default=None, help=text)
     for flag, text in SWITCHES.items():

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffcompress.data import to_rgb8
 from diffcompress.errors import UserError
 from diffcompress.progress import progress_bar
 
@@ -255,7 +256,7 @@ def resize_to_npy(
             continue
         try:
             with Image.open(src) as img:
-                pixels = np.asarray(img.convert("RGB"))
+                pixels = np.asarray(to_rgb8(img, src))
         except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError...
             unreadable[str(src)] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             continue

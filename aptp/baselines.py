@@ -27,7 +27,6 @@ with the configs in ``configs/aptp/baselines/``.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import yaml
 from diffusers import UNet2DConditionModel
 
 from diffcompress.checkpoint import save_checkpoint, write_json_atomic
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, non_negative_int, positive_float, positive_int, run
 from diffcompress.errors import UserError
 
 from .assignments import EXPERTS, ROUTER_INFO, ROUTER_WEIGHTS
@@ -167,14 +166,18 @@ def single_expert_router(code: torch.Tensor, layout: ArchLayout, prompt_dim: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="APTP baselines: one architecture for all prompts at a MAC budget")
+    parser = ArgumentParser(description="APTP baselines: one architecture for all prompts at a MAC budget")
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="SD folder (unet/ vae/ ...) or hub id")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--output_dir", required=True, help="the pruning directory to write")
-    parser.add_argument("--budget", type=float, default=0.6, help="keep this fraction of the UNet's MACs (not dense)")
-    parser.add_argument("--resolution", type=int, default=256, help="image size the MACs are counted at")
-    parser.add_argument("--seed", type=int, default=PruneConfig.seed, help="removal order of --method random")
+    parser.add_argument(
+        "--budget", type=positive_float, default=0.6, help="keep this fraction of the UNet's MACs (not dense)"
+    )
+    parser.add_argument("--resolution", type=positive_int, default=256, help="image size the MACs are counted at")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=PruneConfig.seed, help="removal order of --method random"
+    )
     parser.add_argument("--prompt_encoder", default=DEFAULT_ENCODER, help="sentence encoder the pipeline embeds with")
     parser.add_argument("--dataset_name", default="cc3m", choices=("cc3m", "coco"), help="written to config.yaml")
     parser.add_argument("--data_dir", default=None, help="written to config.yaml (default data/<dataset_name>)")

@@ -10,13 +10,13 @@ The captions are the pruning run's (its ``config.yaml``), their embeddings read 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from diffcompress.checkpoint import write_json_atomic
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, positive_int, run
+from diffcompress.distributed import resolve_device
 
 from .assignments import ROUTER_INFO, load_router, pruning_config, read_router_info
 from .config import load_config
@@ -26,16 +26,16 @@ from .layout import ArchLayout
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="APTP: calibrate a router's balanced inference routing")
+    parser = ArgumentParser(description="APTP: calibrate a router's balanced inference routing")
     parser.add_argument("--pruning_dir", required=True, help="output_dir of a finished aptp.prune run")
     parser.add_argument("--data_dir", default=None, help="the dataset folder, if not the pruning run's")
-    parser.add_argument("--batch_size", type=int, default=256, help="captions per prompt-encoder batch")
+    parser.add_argument("--batch_size", type=positive_int, default=256, help="captions per prompt-encoder batch")
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     args = parser.parse_args(argv)
     pruning_dir = Path(args.pruning_dir)
     info = read_router_info(pruning_dir)
     cfg = load_config(pruning_config(pruning_dir))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     layout = ArchLayout.from_config(load_unet_config(info["pretrained_model_name_or_path"], cfg.revision))
     router = load_router(pruning_dir, layout, device, routing="cosine")
     table = load_captions(

@@ -34,6 +34,7 @@ class DataConfig:
     max_train_samples: int | None = None  # keep the first N captions (None: all)
     dataloader_num_workers: int = 8
     embedding_cache_dir: str | None = None  # prompt embeddings; None: <output_dir>/prompt_embeddings
+    on_empty: str = "report"  # empty captions: report (kept as the empty prompt) | fail
 
 
 @dataclass
@@ -121,6 +122,7 @@ class FinetuneDataConfig:
     data_dir: str | None = None  # None: the folder the captions were filtered from (<pruning_dir>/filtered/train.json)
     max_train_samples: int | None = None  # keep the expert's first N captions (None: all)
     dataloader_num_workers: int = 8
+    on_empty: str = "report"  # empty captions: report (kept as the empty prompt) | fail
 
 
 @dataclass

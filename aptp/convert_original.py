@@ -14,12 +14,11 @@ elsewhere) is computed over the training captions by ``python -m aptp.calibrate_
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
 from diffcompress.checkpoint import save_checkpoint, write_json_atomic
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, run
 from diffcompress.errors import UserError
 from diffcompress.progress import progress_bar
 
@@ -32,7 +31,7 @@ from .pipeline import expert_folder
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="APTP: convert the authors' pruning checkpoint / released experts to ours")
+    p = ArgumentParser(description="APTP: convert the authors' pruning checkpoint / released experts to ours")
     p.add_argument("src", help="their checkpoint-N/ or variant folder, or the hub repo id with --variant")
     p.add_argument("dst", help="the pruning directory to write (must not hold a router yet)")
     p.add_argument("--variant", help=f"hub variant folder, e.g. {original.VARIANTS[0]}")

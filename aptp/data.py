@@ -8,9 +8,15 @@ Layouts, as the datasets are distributed:
 - COCO 2014: ``<root>/annotations/captions_{train,val}2014.json`` and
   ``<root>/images/{split}2014/COCO_{split}2014_%012d.jpg``; one row per caption.
 
-A caption whose image file does not exist is dropped when the table is built (counted in ``missing``). An image that
-cannot be decoded is skipped when it is read: the item comes from the next readable row instead (so batches keep
-their size on every process) and names the unreadable one, for the training loop to report and count.
+A caption whose image file does not exist is dropped when the table is built (counted in ``missing``). An empty
+caption is kept (it is the empty prompt) and counted in ``empty``: a line on stdout says how many and which rows,
+and ``on_empty="fail"`` (``data.on_empty``) refuses them. An image that cannot be decoded is skipped when it is read:
+the item comes from the next readable row instead (so batches keep their size on every process) and names the
+unreadable one, for the training loop to report and count. Images of any mode are read as 8-bit RGB by
+``diffcompress.data.to_rgb8`` (16-bit scaled, not clipped; float images refused with the file named).
+
+Text files are UTF-8 (a BOM is allowed); a TSV line that is not is refused with the file, the line and the byte
+offset named. TSV rows are split on ``\\n`` only (a stray ``\\r`` inside a caption does not shift the rows).
 
 Prompt embeddings (the router's input) are computed once for a whole caption table and cached in a ``.npy`` file
 keyed by the encoder and the captions; every process memory-maps the same file.
@@ -33,7 +39,8 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from diffcompress.errors import UserError
+from diffcompress.data import ON_EMPTY, to_rgb8
+from diffcompress.errors import DataError, UserError
 
 CC3M_SPLITS = {
     "train": ("Train_GCC-training.tsv", "training"),
@@ -80,6 +87,7 @@ class CaptionTable:
     ids: np.ndarray  # int64: the TSV row (CC3M) or the annotation id (COCO)
     missing: int  # caption rows dropped because their image file does not exist
     source: str  # what the rows came from, for messages
+    empty: int = 0  # rows (of the table it was taken from) whose caption is empty
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -87,25 +95,66 @@ class CaptionTable:
     def take(self, indices: Sequence[int]) -> CaptionTable:
         """The rows at ``indices``, in that order."""
         ids = self.ids[np.asarray(indices, dtype=np.int64)]
-        return CaptionTable(self.paths.take(indices), self.captions.take(indices), ids, self.missing, self.source)
+        return CaptionTable(
+            self.paths.take(indices), self.captions.take(indices), ids, self.missing, self.source, self.empty
+        )
 
 
-def _table(rows: list[tuple[int, str, str | None]], total: int, source: str) -> CaptionTable:
-    """A table of the (id, caption, path) rows that have a path; ``total`` caption rows were read."""
+def _table(
+    rows: list[tuple[int, str, str | None]], total: int, source: str, on_empty: str = "report", what: str = "row"
+) -> CaptionTable:
+    """A table of the (id, caption, path) rows that have a path; ``total`` caption rows were read. Empty captions
+    are counted and reported in one line (rank 0), or refused with ``on_empty="fail"``."""
     kept = [r for r in rows if r[2] is not None]
     if not kept:
         raise UserError(f"{source}: none of its {total} captions has an image file")
+    empty = [r[0] for r in kept if not r[1]]
+    if empty:
+        examples = ", ".join(str(i) for i in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        line = f"{source}: {len(empty)} of its {len(kept)} captions with an image are empty ({what} {examples})"
+        if on_empty == "fail":
+            raise UserError(f"{line}: refused (data.on_empty=fail); fill them in or pass data.on_empty=report")
+        if _distributed()[0] == 0:
+            print(f"note: {line}; they are kept as the empty prompt (data.on_empty=fail refuses them)", flush=True)
     return CaptionTable(
         paths=StringArray(r[2] for r in kept),
         captions=StringArray(r[1] for r in kept),
         ids=np.array([r[0] for r in kept], dtype=np.int64),
         missing=total - len(kept),
         source=source,
+        empty=len(empty),
     )
 
 
-def load_cc3m(root: str | os.PathLike, split: str = "train") -> CaptionTable:
+def _check_on_empty(on_empty: str) -> None:
+    if on_empty not in ON_EMPTY:
+        raise UserError(f"data.on_empty={on_empty!r}: expected one of {', '.join(ON_EMPTY)}")
+
+
+def _tsv_captions(tsv: Path) -> list[str]:
+    """The first field of every line of a CC3M TSV, stripped: lines split on ``\\n`` only, decoded as UTF-8 (a BOM
+    is allowed); a line that is not UTF-8 is refused with the file, the line and the byte offset named."""
+    captions, offset = [], 0
+    with open(tsv, "rb") as f:
+        for row, raw in enumerate(f):
+            body = raw[3:] if row == 0 and raw.startswith(b"\xef\xbb\xbf") else raw
+            try:
+                line = body.decode("utf-8")
+            except UnicodeDecodeError as e:
+                at = offset + (len(raw) - len(body)) + e.start
+                raise DataError(
+                    f"{str(tsv)!r}: line {row + 1} (row {row}) is not UTF-8: byte 0x{body[e.start]:02x} at offset "
+                    f"{at} of the file ({e.reason}); expected a UTF-8 TSV (caption \\t url), e.g. re-encode it with "
+                    f"iconv -f latin1 -t utf-8"
+                ) from None
+            captions.append(line.rstrip("\n").split("\t", 1)[0].strip())
+            offset += len(raw)
+    return captions
+
+
+def load_cc3m(root: str | os.PathLike, split: str = "train", on_empty: str = "report") -> CaptionTable:
     """Conceptual Captions: TSV rows matched to image files by their row-number prefix."""
+    _check_on_empty(on_empty)
     if split not in CC3M_SPLITS:
         raise UserError(f"CC3M split {split!r}: expected one of {', '.join(CC3M_SPLITS)}")
     tsv_name, folder = CC3M_SPLITS[split]
@@ -120,16 +169,15 @@ def load_cc3m(root: str | os.PathLike, split: str = "train") -> CaptionTable:
             if m and not entry.name.endswith(METADATA_SUFFIXES):
                 files.setdefault(int(m.group(1)), entry.name)
     rows = []
-    with open(tsv, encoding="utf-8") as f:
-        for row, line in enumerate(f):
-            caption = line.rstrip("\n").split("\t", 1)[0].strip()
-            name = files.get(row)
-            rows.append((row, caption, str(image_dir / name) if name else None))
-    return _table(rows, len(rows), f"CC3M {split} ({tsv})")
+    for row, caption in enumerate(_tsv_captions(tsv)):
+        name = files.get(row)
+        rows.append((row, caption, str(image_dir / name) if name else None))
+    return _table(rows, len(rows), f"CC3M {split} ({tsv})", on_empty, "rows")
 
 
-def load_coco(root: str | os.PathLike, split: str = "train") -> CaptionTable:
+def load_coco(root: str | os.PathLike, split: str = "train", on_empty: str = "report") -> CaptionTable:
     """MS-COCO 2014 captions, one row per caption, in the annotation file's order."""
+    _check_on_empty(on_empty)
     if split not in COCO_SPLITS:
         raise UserError(f"COCO split {split!r}: expected one of {', '.join(COCO_SPLITS)}")
     s = COCO_SPLITS[split]
@@ -141,15 +189,25 @@ def load_coco(root: str | os.PathLike, split: str = "train") -> CaptionTable:
                 f"images/{s}2014/)"
             )
     try:
-        annotations = json.loads(ann.read_text())["annotations"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{str(ann)!r} is not a COCO captions file ({type(e).__name__}: {e})") from None
+        annotations = json.loads(ann.read_text(encoding="utf-8"))["annotations"]
+        if not isinstance(annotations, list):
+            raise TypeError(f"'annotations' is a {type(annotations).__name__}, expected a list")
+    except (ValueError, KeyError, TypeError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        reason = f"no key {e}" if isinstance(e, KeyError) else str(e)
+        raise UserError(f"{str(ann)!r} is not a COCO captions file ({type(e).__name__}: {reason})") from None
     present = set(os.listdir(image_dir))
     rows = []
-    for a in annotations:
+    for k, a in enumerate(annotations):
+        ok = isinstance(a, dict) and isinstance(a.get("caption"), str)
+        ok = ok and all(isinstance(a.get(key), int) and not isinstance(a.get(key), bool) for key in ("id", "image_id"))
+        if not ok:
+            raise UserError(
+                f"{str(ann)!r}: annotation {k} is {str(a)[:80]}: expected an object with an integer id and image_id "
+                f"and a string caption"
+            )
         name = f"COCO_{s}2014_{a['image_id']:012d}.jpg"
         rows.append((a["id"], a["caption"].strip(), str(image_dir / name) if name in present else None))
-    return _table(rows, len(rows), f"COCO {s}2014 ({ann})")
+    return _table(rows, len(rows), f"COCO {s}2014 ({ann})", on_empty, "annotation ids")
 
 
 def coco30k(root: str | os.PathLike, count: int = COCO30K_SIZE, seed: int = COCO30K_SEED) -> CaptionTable:
@@ -221,13 +279,18 @@ def resize_like_cv2(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def load_captions(
-    dataset_name: str, root: str | os.PathLike, split: str = "train", max_samples: int | None = None
+    dataset_name: str,
+    root: str | os.PathLike,
+    split: str = "train",
+    max_samples: int | None = None,
+    on_empty: str = "report",
 ) -> CaptionTable:
-    """The caption table of ``dataset_name`` (cc3m | coco); ``max_samples`` keeps the first rows."""
+    """The caption table of ``dataset_name`` (cc3m | coco); ``max_samples`` keeps the first rows; ``on_empty``:
+    report empty captions (kept as the empty prompt) or fail."""
     loaders = {"cc3m": load_cc3m, "coco": load_coco}
     if dataset_name not in loaders:
         raise UserError(f"dataset {dataset_name!r}: expected one of {', '.join(loaders)}")
-    table = loaders[dataset_name](root, split)
+    table = loaders[dataset_name](root, split, on_empty)
     if max_samples is not None and max_samples < len(table):
         table = table.take(range(max_samples))
     return table
@@ -245,10 +308,10 @@ class ImageTransform:
     def __init__(self, resolution: int):
         self.resolution = resolution
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Image.Image, path: str | os.PathLike | None = None) -> torch.Tensor:
         r, (w, h) = self.resolution, img.size
         size = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
-        img = img.convert("RGB").resize(size, Image.BILINEAR)
+        img = to_rgb8(img, path).resize(size, Image.BILINEAR)
         left, top = int(round((size[0] - r) / 2)), int(round((size[1] - r) / 2))
         img = img.crop((left, top, left + r, top + r))
         return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(127.5).sub(1)
@@ -293,7 +356,7 @@ class CaptionedImages(torch.utils.data.Dataset):
             path = self.table.paths[i]
             try:
                 with Image.open(path) as img:
-                    pixels = self.transform(img)
+                    pixels = self.transform(img, path)
             except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError...
                 unreadable.append((i, f"{path}: {type(e).__name__}: {next(iter(str(e).splitlines()), '')}"))
                 continue
@@ -303,7 +366,7 @@ class CaptionedImages(torch.utils.data.Dataset):
             if self.embeddings is not None:
                 item["prompt_embeds"] = torch.from_numpy(np.array(self.embeddings[i], dtype=np.float32))
             return item
-        raise UserError(
+        raise DataError(  # one line naming the file, also from a DataLoader worker
             f"{self.table.source}: {MAX_CONSECUTIVE_UNREADABLE} consecutive images from row {index} cannot be read "
             f"(first: {unreadable[0][1]})"
         )
@@ -346,6 +409,20 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def _cache_ok(path: Path, rows: int) -> bool:
+    """Whether a cached embeddings file reads as float32 [rows, d]; when not, it is said and computed again."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        ok = isinstance(arr, np.ndarray) and arr.dtype == np.float32 and arr.ndim == 2 and len(arr) == rows
+        got = f"{getattr(arr, 'dtype', 'an .npz archive')} {list(getattr(arr, 'shape', []))}"
+        why = "" if ok else f"{got}, expected float32 [{rows}, d]"
+    except (ValueError, OSError, EOFError) as e:
+        ok, why = False, f"{type(e).__name__}: {next(iter(str(e).splitlines()), '')}"
+    if not ok:
+        print(f"note: the prompt embeddings cache {str(path)!r} is unreadable ({why}): computing it again", flush=True)
+    return ok
+
+
 def prompt_embeddings(
     captions: StringArray,
     encoder: str,
@@ -362,7 +439,7 @@ def prompt_embeddings(
     rank, world = _distributed()
     # Rank 0 decides for all (every process takes the same branch, whatever its view of the file system) and names
     # this run's temporary files: two runs sharing the cache (a job array) must not join or delete each other's parts.
-    decision = [path.is_file(), uuid.uuid4().hex[:12]]
+    decision = [path.is_file() and _cache_ok(path, len(captions)), uuid.uuid4().hex[:12]]
     if world > 1:
         dist.broadcast_object_list(decision, src=0)
     exists, token = decision
@@ -394,4 +471,7 @@ def prompt_embeddings(
             os.replace(tmp, path)
         if world > 1:
             dist.barrier()
-    return np.load(path, mmap_mode="r")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"prompt embeddings cache {str(path)!r} cannot be read ({type(e).__name__}: {e})") from None

@@ -28,7 +28,6 @@ each pixel (its projection on the background -> ink segment of the caption's col
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import string
@@ -44,7 +43,7 @@ from PIL import Image
 
 from diffcompress import digits
 from diffcompress.checkpoint import write_json_atomic
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, non_negative_int, positive_int, run
 from diffcompress.errors import UserError
 from diffcompress.progress import progress_bar
 
@@ -424,14 +423,14 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder to write cc3m/ (and sd/, sentence-encoder/) into")
     parser.add_argument("--data", default="data/digits", help="prepared digits (made by prepare_digits.py if missing)")
-    parser.add_argument("--copies", type=int, default=2, help="renderings of every training digit")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--copies", type=positive_int, default=2, help="renderings of every training digit")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--teacher-init", action="store_true", help="also write the untrained teacher sd/ and the "
                         "sentence encoder")  # fmt: skip
-    parser.add_argument("--vae-steps", type=int, default=800, help="--teacher-init: VAE training steps")
+    parser.add_argument("--vae-steps", type=positive_int, default=800, help="--teacher-init: VAE training steps")
     args = parser.parse_args(argv)
     out, start = Path(args.out), time.perf_counter()
     if not digits.is_prepared(args.data):

@@ -41,8 +41,9 @@ import torch
 from PIL import Image
 
 from diffcompress.checkpoint import write_json_atomic
-from diffcompress.cli import run
-from diffcompress.distributed import get_logger
+from diffcompress.cli import ArgumentParser, non_negative_int, positive_int, run
+from diffcompress.data import to_rgb8
+from diffcompress.distributed import get_logger, resolve_device
 from diffcompress.errors import UserError
 from diffcompress.fid_metrics import activation_statistics, frechet_distance
 
@@ -75,13 +76,13 @@ PROMPTS = "prompts.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", help="folder of generated images (PNG/JPG)")
     p.add_argument("--metrics", nargs="+", choices=METRICS, default=None, help="default: all whose inputs are given")
     p.add_argument("--ref-dir", default=None, help="reference images (FID and CMMD)")
     p.add_argument("--coco30k", default=None, metavar="COCO_DIR", help="references: COCO-30k of this COCO 2014 folder")
     p.add_argument(
-        "--max-samples", "--max_samples", dest="max_samples", type=int, default=None,
+        "--max-samples", "--max_samples", dest="max_samples", type=positive_int, default=None,
         help=f"--coco30k: the first N images of the draw (default {COCO30K_SIZE})",
     )  # fmt: skip
     p.add_argument(
@@ -94,11 +95,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05-6726825d.pth (FID)")
     p.add_argument("--clip-model", default=CLIP_MODEL, help="CLIP for the CLIP score: hub id or local folder")
     p.add_argument("--cmmd-model", default=CMMD_MODEL, help="CLIP for CMMD: hub id or local folder")
-    p.add_argument("--resolution", type=int, default=256, help="FID: center-crop and resize to this first (0: off)")
+    p.add_argument(
+        "--resolution", type=non_negative_int, default=256, help="FID: center-crop and resize to this first (0: off)"
+    )
     p.add_argument("--cmmd-estimator", choices=["biased", "unbiased"], default="biased", help="biased: CMMD's code")
     p.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip", help="unreadable images")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers reading the images")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader workers reading the images")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default=None, help="metrics JSON file (default: <images>/metrics.json)")
     return p.parse_args(argv)
@@ -136,11 +139,17 @@ def reference(
     identity: dict[str, Any],
     compute: Callable[[list[Path]], tuple[dict[str, np.ndarray], dict[str, Any]]],
     log: Callable[[str], None],
+    problem: Callable[[dict[str, np.ndarray]], str | None] = lambda arrays: None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Arrays describing the reference set: read from ``cache`` when it was made with the same ``identity`` (model,
-    mode, ...) and, given reference files, from the same files; otherwise computed from ``ref_files`` and saved."""
+    mode, ...) and, given reference files, from the same files; otherwise computed from ``ref_files`` and saved.
+    ``problem(arrays)`` says what makes a file's arrays unusable (missing, misshapen, non-finite): a cache that
+    the reference files can rebuild is rebuilt with a note; a file given alone is a one-line error."""
     if ref_files is None:
         arrays, meta = load_npz(cache, flag)
+        why = problem(arrays)
+        if why is not None:
+            raise UserError(f"{flag} {cache}: {why} (recompute it with --ref-dir)")
         for key, value in identity.items():
             if key not in meta:
                 log(f"{what}: {cache} does not record its {key}; assuming {value!r}")
@@ -150,11 +159,18 @@ def reference(
         return arrays, meta
     fingerprint = files_fingerprint(ref_files)
     if cache.is_file():
-        arrays, meta = load_npz(cache, flag)
-        if meta.get("fingerprint") == fingerprint and all(meta.get(k) == v for k, v in identity.items()):
+        try:
+            arrays, meta = load_npz(cache, flag)
+            why = problem(arrays)
+        except UserError as e:
+            arrays, meta, why = {}, {}, f"unreadable: {e}"
+        if why is not None:
+            log(f"note: {what}: {cache} is not usable ({why}); recomputing it")
+        elif meta.get("fingerprint") == fingerprint and all(meta.get(k) == v for k, v in identity.items()):
             log(f"{what}: read from {cache}")
             return arrays, meta
-        log(f"{what}: {cache} was made from other files or with another model; recomputing it")
+        else:
+            log(f"{what}: {cache} was made from other files or with another model; recomputing it")
     arrays, meta = compute(ref_files)
     meta = {**identity, **meta, "source": str(ref_files[0].parent.resolve()), "fingerprint": fingerprint}
     save_npz(cache, arrays, meta)
@@ -170,7 +186,34 @@ class AuthorsFidTransform:
         self.size, self.fid = size, FidTransform(None)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return self.fid(resize_like_cv2(np.asarray(img.convert("RGB")), self.size, self.size))
+        return self.fid(resize_like_cv2(np.asarray(to_rgb8(img)), self.size, self.size))
+
+
+def stats_problem(arrays: dict[str, np.ndarray]) -> str | None:
+    """What makes FID reference statistics unusable, or None: mu [D] and sigma [D, D], finite."""
+    if "mu" not in arrays or "sigma" not in arrays:
+        return f"expected arrays mu and sigma, found {', '.join(arrays) or 'none'}"
+    mu, sigma = arrays["mu"], arrays["sigma"]
+    if not (np.issubdtype(mu.dtype, np.number) and np.issubdtype(sigma.dtype, np.number)):
+        return f"mu/sigma are {mu.dtype}/{sigma.dtype}, expected numbers"
+    if mu.ndim != 1 or len(mu) == 0 or sigma.shape != (len(mu), len(mu)):
+        return f"mu {list(mu.shape)} and sigma {list(sigma.shape)} are not a mean [D] and a covariance [D, D]"
+    for name, a in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(a).all():
+            return f"{name} holds NaN or inf values"
+    return None
+
+
+def embeddings_problem(arrays: dict[str, np.ndarray]) -> str | None:
+    """What makes CMMD reference embeddings unusable, or None: [N >= 1, D], finite."""
+    if "embeddings" not in arrays:
+        return f"expected an array 'embeddings', found {', '.join(arrays) or 'none'}"
+    e = arrays["embeddings"]
+    if not np.issubdtype(e.dtype, np.number) or e.ndim != 2 or len(e) == 0 or e.shape[1] == 0:
+        return f"embeddings are {e.dtype} {list(e.shape)}, expected numbers [N, D]"
+    if not np.isfinite(e).all():
+        return "embeddings hold NaN or inf values"
+    return None
 
 
 def reference_files(args: argparse.Namespace) -> tuple[list[Path] | None, str]:
@@ -218,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ref_files, ref_name = reference_files(args)
     ref_flag = f"--coco30k {args.coco30k}" if args.coco30k else f"--ref-dir {args.ref_dir}"
     out = Path(args.out) if args.out else folder / "metrics.json"
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device))
     if device.startswith("cuda"):  # full fp32: the features feed a covariance and small kernel differences
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -247,7 +290,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         suffix = "-authors" if authors else ""
         cache = Path(args.ref_stats) if args.ref_stats else out.parent / f"fid-reference-{ref_name}{suffix}.npz"
-        ref, ref_meta = reference("FID reference statistics", cache, "--ref-stats", ref_files, identity, fid_stats, log)
+        ref, ref_meta = reference(
+            "FID reference statistics", cache, "--ref-stats", ref_files, identity, fid_stats, log, stats_problem
+        )
         if "mu" not in ref or "sigma" not in ref:
             raise UserError(f"--ref-stats {cache}: expected arrays mu and sigma, found {', '.join(ref) or 'none'}")
         feats = fid_features(files, desc="Inception")
@@ -293,7 +338,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cache = Path(args.ref_embeddings) if args.ref_embeddings else out.parent / f"cmmd-reference-{ref_name}.npz"
         identity = {"model": encoder_fingerprint(args.cmmd_model)}
         ref, ref_meta = reference(
-            "CMMD reference embeddings", cache, "--ref-embeddings", ref_files, identity, embeddings, log
+            "CMMD reference embeddings",
+            cache,
+            "--ref-embeddings",
+            ref_files,
+            identity,
+            embeddings,
+            log,
+            embeddings_problem,
         )
         if "embeddings" not in ref:
             raise UserError(f"--ref-embeddings {cache}: expected an array 'embeddings', found {', '.join(ref)}")

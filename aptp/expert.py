@@ -25,7 +25,14 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
-from diffcompress.checkpoint import CheckpointError, load_file, save_checkpoint, summarize_keys, write_json_atomic
+from diffcompress.checkpoint import (
+    CheckpointError,
+    check_weights,
+    load_file,
+    save_checkpoint,
+    summarize_keys,
+    write_json_atomic,
+)
 
 from .layout import ArchLayout, meta_unet
 
@@ -195,6 +202,7 @@ def load_expert(path: str | os.PathLike) -> tuple[UNet2DConditionModel, torch.Te
     state = load_file(folder / WEIGHTS)
     if problems := _misfit(expert, state):
         raise CheckpointError(f"{str(folder / WEIGHTS)!r} does not fit its code and config: {problems}")
+    check_weights(state, repr(str(folder / WEIGHTS)), expert.state_dict())
     expert.load_state_dict(state, strict=True, assign=True)
     return expert.eval(), code
 

@@ -19,7 +19,6 @@ in their format and row order (``aptp.mapped_indices``; CC3M with the ``{split}_
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, positive_int, run
 from diffcompress.errors import UserError
 from diffcompress.progress import progress_bar
 
@@ -84,10 +83,12 @@ def print_counts(summaries: list[dict[str, Any]], num_experts: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="APTP filtering: route every caption to an expert")
+    parser = ArgumentParser(description="APTP filtering: route every caption to an expert")
     parser.add_argument("--pruning_dir", required=True, help="output_dir of a finished aptp.prune run")
     parser.add_argument("--splits", nargs="+", default=["train", "validation"], help="dataset splits to assign")
-    parser.add_argument("--batch_size", type=int, default=256, help="captions per prompt-encoder / router batch")
+    parser.add_argument(
+        "--batch_size", type=positive_int, default=256, help="captions per prompt-encoder / router batch"
+    )
     parser.add_argument("--data_dir", default=None, help="the dataset folder, if not the pruning run's")
     parser.add_argument("--routing", choices=ROUTING_RULES, default=None,
                         help="calibrated: argmax_k cos_k / 0.05 + log v_k; cosine: the plain argmax; authors: their "

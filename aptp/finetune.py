@@ -23,9 +23,7 @@ config, loaded by ``aptp.expert.load_expert``. SIGTERM or SIGUSR1 writes a check
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import math
 import os
 from pathlib import Path
@@ -39,7 +37,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import UNet2DConditionModel
 
 from diffcompress.checkpoint import load_file
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, non_negative_int, run
 from diffcompress.distributed import get_logger
 from diffcompress.ema import create_ema, update_ema
 from diffcompress.errors import UserError
@@ -50,7 +48,7 @@ from .config import FinetuneConfig, load_config, to_dict
 from .data import CaptionedImages, CaptionTable, collate, load_captions, random_flip
 from .expert import materialize, save_expert
 from .layout import ArchLayout
-from .loop import run_steps
+from .loop import load_training_state, read_state, run_steps
 from .losses import block_loss, ddpm_loss, distill_loss
 from .prune import STATE, capture_block_outputs, load_stable_diffusion, resume_path, save_state
 
@@ -68,7 +66,7 @@ def expert_captions(
     summary = read_summary(cfg.pruning_dir, "train")
     dataset = cfg.data.dataset_name or summary["dataset"]
     data_dir = cfg.data.data_dir or summary["data_dir"]
-    table = load_captions(dataset, data_dir, "train")
+    table = load_captions(dataset, data_dir, "train", on_empty=cfg.data.on_empty)
     if dataset != summary["dataset"] or len(table) != summary["rows"]:
         raise UserError(
             f"{summary_path(cfg.pruning_dir, 'train')} assigns {summary['rows']} {summary['dataset']} captions, "
@@ -124,9 +122,9 @@ def check_resume(state: dict[str, Any], expert_id: int, code: torch.Tensor, use_
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="APTP fine-tuning: train one expert on the prompts routed to it")
+    parser = ArgumentParser(description="APTP fine-tuning: train one expert on the prompts routed to it")
     parser.add_argument("--config", required=True, help="YAML file (configs/aptp/finetuning/*.yaml)")
-    parser.add_argument("--expert_id", type=int, required=True, help="the expert to train (0..K-1)")
+    parser.add_argument("--expert_id", type=non_negative_int, required=True, help="the expert to train (0..K-1)")
     parser.add_argument(
         "--all_prompts_if_empty", action="store_true",
         help="an expert that no training caption was routed to trains on all of them (default: nothing to do, exit 0)",
@@ -163,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[t.mixed_precision]
 
     resume = resume_path(cfg)
-    state = json.loads((resume / STATE).read_text()) if resume else {}
+    state = read_state(resume, STATE, {"expert_id": int, "code": list, "use_ema": bool}) if resume else {}
     if resume:
         check_resume(state, expert_id, code, t.use_ema, resume)
 
@@ -200,9 +198,14 @@ def main(argv: list[str] | None = None) -> None:
     expert, optimizer = accelerator.prepare(expert, optimizer)
     step = 0
     if resume:
-        accelerator.load_state(str(resume))
+        load_training_state(accelerator, resume, logger)  # each file it reads, named when it is broken
         if ema is not None:  # the checkpoint's weights file holds the EMA
-            ema.load_state_dict(load_file(resume / WEIGHTS), strict=True)
+            try:
+                ema.load_state_dict(load_file(resume / WEIGHTS), strict=True)
+            except RuntimeError as e:  # keys or shapes of another model
+                raise UserError(
+                    f"{resume / WEIGHTS}: not this expert's EMA weights ({str(e).splitlines()[0]})"
+                ) from None
         step = state["step"]
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

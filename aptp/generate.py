@@ -50,7 +50,8 @@ from diffusers.utils.pil_utils import numpy_to_pil
 from PIL import Image
 
 from diffcompress.checkpoint import write_json_atomic
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, non_negative_float, non_negative_int, positive_int, run
+from diffcompress.data import to_rgb8
 from diffcompress.distributed import DistInfo, barrier, cleanup, resolve_precision, setup_distributed
 from diffcompress.errors import UserError
 from diffcompress.progress import progress_bar
@@ -71,10 +72,12 @@ FLAG_MODES = {  # the modes each flag applies to
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="APTP generation: per-expert FID sets or routed prompts")
+    p = ArgumentParser(description="APTP generation: per-expert FID sets or routed prompts")
     p.add_argument("--pruning_dir", required=True, help="output_dir of aptp.prune (router, experts.json, filtered/)")
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--expert_id", type=int, help="per expert: draw the captions of --split routed to this expert")
+    mode.add_argument(
+        "--expert_id", type=non_negative_int, help="per expert: draw the captions of --split routed to this expert"
+    )
     mode.add_argument("--prompts", help="routed: a text file with one prompt per line, or a JSON list of prompts")
     mode.add_argument(
         "--coco30k", metavar="COCO_DIR",
@@ -87,7 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="an expert without a fine-tuned folder: slice it from the dense UNet (warns), or fail",
     )  # fmt: skip
     p.add_argument("--split", default="validation", help="per expert: caption split (train | validation)")
-    p.add_argument("--max_samples", type=int, help="per expert: its first N rows; COCO-30k: the first N of the draw")
+    p.add_argument(
+        "--max_samples", type=positive_int, help="per expert: its first N rows; COCO-30k: the first N of the draw"
+    )
     p.add_argument("--dataset_name", help="per expert: cc3m | coco (default: the one filtering read)")
     p.add_argument("--data_dir", help="per expert: the dataset folder (default: the one filtering read)")
     p.add_argument("--save_references", action="store_true", help="also write the resized reference images")
@@ -97,16 +102,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--output_dir", help="default: <pruning_dir>/generation/<split>/expert_<K>, .../routed, .../coco30k")
     p.add_argument("--references_dir", help="default: <output_dir>_references")
-    p.add_argument("--size", type=int, default=256, help="FID sets: saved images are resized to size x size")
+    p.add_argument("--size", type=positive_int, default=256, help="FID sets: saved images are resized to size x size")
     p.add_argument("--pretrained_model_name_or_path", help="Stable Diffusion folder or hub id (default: router.json)")
     p.add_argument("--revision")
     p.add_argument("--prompt_encoder", help="sentence-transformers folder or hub id (default: router.json)")
     p.add_argument("--scheduler", default="PNDMScheduler", help="a diffusers scheduler class name")
-    p.add_argument("--num_inference_steps", type=int, default=25)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=43)
-    p.add_argument("--resolution", type=int, help="generated height and width (default: the model's; SD2.1: 768)")
-    p.add_argument("--batch_size", type=int, default=8, help="prompts per forward pass, per process")
+    p.add_argument("--num_inference_steps", type=positive_int, default=25)
+    p.add_argument("--guidance_scale", type=non_negative_float, default=7.5)
+    p.add_argument("--seed", type=non_negative_int, default=43)
+    p.add_argument(
+        "--resolution", type=positive_int, help="generated height and width (default: the model's; SD2.1: 768)"
+    )
+    p.add_argument("--batch_size", type=positive_int, default=8, help="prompts per forward pass, per process")
     p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
     p.add_argument("--device", help="cuda | cpu (default: cuda when available)")
     args = p.parse_args(argv)
@@ -178,7 +185,7 @@ def square(image: Image.Image, size: int) -> Image.Image:
     transform's geometry (``aptp.data.ImageTransform``)."""
     w, h = image.size
     resized = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    image = image.convert("RGB").resize(resized, Image.BICUBIC)
+    image = to_rgb8(image).resize(resized, Image.BICUBIC)
     left, top = int(round((resized[0] - size) / 2)), int(round((resized[1] - size) / 2))
     return image.crop((left, top, left + size, top + size))
 
@@ -187,7 +194,7 @@ def fid_image(image: Image.Image, size: int, preprocess: str) -> Image.Image:
     """A generated image as the FID set holds it: ``ours`` PIL bicubic to ``size`` x ``size``; ``authors``
     cv2.resize's bilinear arithmetic (the authors' generation script)."""
     if preprocess == "authors":
-        return Image.fromarray(resize_like_cv2(np.asarray(image.convert("RGB")), size, size))
+        return Image.fromarray(resize_like_cv2(np.asarray(to_rgb8(image)), size, size))
     return image.resize((size, size), Image.BICUBIC)
 
 
@@ -196,7 +203,7 @@ def reference_image(image: Image.Image, size: int, preprocess: str) -> Image.Ima
     ``authors`` the whole image to ``size`` x ``size`` with cv2.resize's bilinear arithmetic (assumed to be what
     their resize_and_save_images.py --size 256 256 does; see ``aptp.data.REFERENCE_PREPROCESS``)."""
     if preprocess == "authors":
-        return Image.fromarray(resize_like_cv2(np.asarray(image.convert("RGB")), size, size))
+        return Image.fromarray(resize_like_cv2(np.asarray(to_rgb8(image)), size, size))
     return square(image, size)
 
 

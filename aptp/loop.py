@@ -18,13 +18,19 @@ from __future__ import annotations
 import json
 import logging as pylogging
 import math
+import pickle
+import pickletools
+import random
+import re
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -42,6 +48,153 @@ class LoopResult:
     preempted: bool  # stopped early by a signal (a checkpoint was written)
     nan_steps: int  # steps skipped for a non-finite gradient
     unreadable: int  # unreadable images met by any process (as of the last log)
+
+
+# ------------------------------------------------------------------------------------------- resuming
+
+STATE_TYPES = {"step": int}  # in every state.json; the counts below are checked where present
+OPTIONAL_TYPES = {"world_size": int, "train_batch_size": int, "gradient_accumulation_steps": int}
+# the modules a plain tensor/optimizer/RNG pickle refers to; any other global is code
+_DATA_MODULES = ("torch", "collections", "numpy", "_codecs")
+
+
+def read_state(folder: Path, name: str, types: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    """``folder/name`` (a checkpoint's state.json) as a dict whose keys in ``types`` (and ``STATE_TYPES``) hold values
+    of those types; a file that is not JSON, or a missing or mistyped entry, is a one-line error naming the file."""
+    path = folder / name
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable JSON checkpoint record ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: holds a JSON {type(state).__name__}, expected an object with the step and settings")
+    present = {k: v for k, v in OPTIONAL_TYPES.items() if k in state}
+    for key, kind in {**STATE_TYPES, **present, **types}.items():
+        value = state.get(key)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if key not in state or isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            want = " or ".join(k.__name__ for k in kinds)
+            raise UserError(f"{path}: {key} is {value!r}, expected {want} (the file was edited or is corrupt)")
+        if kinds == (int,) and value < (1 if key in OPTIONAL_TYPES else 0):
+            raise UserError(
+                f"{path}: {key} is {value}, expected {'a positive count' if key in OPTIONAL_TYPES else '>= 0'}"
+            )
+        if float in kinds and not math.isfinite(value):
+            raise UserError(f"{path}: {key} is {value}, expected a finite number")
+    return state
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """The ``module.name`` globals a pickle (plain, or torch's zip of ``data.pkl``) refers to, without running it."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                data = zf.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return found
+    except Exception:  # a truncated pickle: what was read before the break is all there is to say
+        return []
+
+
+def describe_load_error(path: Path, e: BaseException) -> str:
+    """One line for a checkpoint file that would not load: code in a pickle is said as such, never as corruption."""
+    code = [g for g in _pickle_globals(path) if g.split(".")[0] not in _DATA_MODULES]
+    text = str(e)
+    if code or "GLOBAL" in text or "Unsupported global" in text:
+        named = re.search(r"(?:GLOBAL|global:?) ([\w.]+)", text)
+        what = code[0] if code else (named.group(1) if named else "a global")
+        return f"{path}: holds code ({what}), refused: a training state holds only tensors and numbers"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+    if path.is_file() and path.stat().st_size == 0:
+        return f"{path}: is empty (0 bytes): the checkpoint was not written completely"
+    return f"{path}: truncated or corrupt ({type(e).__name__}: {first[:160]})"
+
+
+LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, TypeError, IndexError, EOFError, OSError,
+               AttributeError, zipfile.BadZipFile)  # fmt: skip
+
+
+def check_rng_states(folder: Path, accelerator: Accelerator, logger: pylogging.Logger) -> None:
+    """This process's ``random_states_<i>.pkl``: loaded (as accelerate does, without code) and applied to throw-away
+    generators, so a corrupt, tampered or code-bearing file is named here instead of being skipped silently inside
+    ``load_state``. A missing one, or those of processes this run does not have, are said in a note."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    saved = sorted(folder.glob("random_states_*.pkl"))
+    if accelerator.is_main_process:
+        extra = [
+            p.name for p in saved if p.stem.rsplit("_", 1)[-1].isdigit() and int(p.stem.rsplit("_", 1)[-1]) >= world
+        ]
+        if extra:
+            logger.info(
+                f"note: {folder} holds RNG states of {len(saved)} process(es), this run has {world}: "
+                f"{', '.join(extra)} ignored (every step reseeds from (seed, process, step))"
+            )
+    path = folder / f"random_states_{rank}.pkl"
+    if not path.is_file():
+        print(
+            f"note: [rank {rank}] {path} is missing: process {rank} starts from the seeded RNG (every step reseeds "
+            f"from (seed, process, step), so the training draws are unchanged)",
+            file=sys.stderr,
+        )
+        return
+    from accelerate.utils import load
+
+    try:
+        states = load(path)
+    except LOAD_ERRORS as e:
+        raise UserError(describe_load_error(path, e)) from None
+    need = ("random_state", "numpy_random_seed", "torch_manual_seed")
+    if not isinstance(states, dict) or any(k not in states for k in need):
+        got = ", ".join(map(str, states)) if isinstance(states, dict) else type(states).__name__
+        raise UserError(f"{path}: not an accelerate RNG state (has {got or 'nothing'}, expected {', '.join(need)})")
+    try:
+        random.Random().setstate(states["random_state"])
+        np.random.RandomState().set_state(states["numpy_random_seed"])
+        torch.Generator().set_state(states["torch_manual_seed"])
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as e:
+        raise UserError(f"{path}: holds an invalid RNG state ({type(e).__name__}: {str(e)[:160]})") from None
+
+
+def load_training_state(accelerator: Accelerator, folder: Path, logger: pylogging.Logger) -> None:
+    """``accelerator.load_state(folder)`` whose failures are one line naming the file: the model, optimizer (and
+    scheduler, scaler...) files it reads, with their pickles loaded without code, and the RNG states checked first."""
+    check_rng_states(folder, accelerator, logger)
+    import accelerate.checkpointing as checkpointing
+
+    original, read = checkpointing.load, []
+
+    def named_load(f, *args, **kwargs):
+        read.append(Path(f))
+        try:
+            return original(f, *args, **kwargs)
+        except LOAD_ERRORS as e:
+            raise UserError(describe_load_error(Path(f), e)) from None
+
+    checkpointing.load = named_load
+    try:
+        accelerator.load_state(str(folder))
+    except UserError:
+        raise
+    except Exception as e:  # the file read last (or the model's, read first) does not fit what this run built
+        if not read:
+            model = next(
+                (p for p in sorted(folder.glob("model*.safetensors")) + sorted(folder.glob("pytorch_model*"))), folder
+            )
+            raise UserError(describe_load_error(model, e) if model.is_file() else f"{folder}: {e}") from None
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"{read[-1]}: does not fit this run's model or optimizer ({first[:200]})") from None
+    finally:
+        checkpointing.load = original
 
 
 def batches(loader: torch.utils.data.DataLoader, sampler: StepSampler, step: int, accumulation: int) -> Iterator:

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import yaml
 
+from diffcompress.checkpoint import CheckpointError, load_object
 from diffcompress.errors import UserError
 
 from .data import METADATA_SUFFIXES, CaptionTable, load_captions
@@ -87,11 +88,10 @@ def load_mapped_indices(path: str | os.PathLike, num_experts: int | None = None)
     """The expert ids of a mapped-indices file (int64 numpy, a copy), checked: a 1-D integer tensor with ids in
     ``[0, num_experts)`` (only ``>= 0`` when ``num_experts`` is None)."""
     path = Path(path)
-    try:
-        tensor = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError (code in the pickle), EOFError, RuntimeError (not a torch file), ...
-        reason = next(iter(str(e).strip().splitlines()), type(e).__name__)
-        raise UserError(f"{path}: not a tensor file of expert ids ({type(e).__name__}: {reason})") from None
+    try:  # the checkpoint loader: a pickle that refers to code is said to hold code, refused
+        tensor = load_object(path, what=repr(str(path)))
+    except CheckpointError as e:
+        raise UserError(f"{path}: not a tensor file of expert ids ({e})") from None
     if not isinstance(tensor, torch.Tensor):
         raise UserError(f"{path}: holds a {type(tensor).__name__}, not a tensor of expert ids")
     if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:

@@ -31,6 +31,7 @@ import os
 import re
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffcompress.data import IMG_EXTENSIONS, center_crop_arr
+from diffcompress.data import IMG_EXTENSIONS, center_crop_arr, to_rgb8
 from diffcompress.errors import UserError
 from diffcompress.progress import progress_bar
 
@@ -156,7 +157,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
             with open_image(self.files[i]) as img:
-                return i, self.transform(img.convert("RGB")), ""
+                return i, self.transform(to_rgb8(img, self.files[i])), ""
         except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError...
             return i, None, f"{type(e).__name__}: {_first_line(e)}"
 
@@ -449,6 +450,8 @@ def load_npz(path: str | os.PathLike, what: str) -> tuple[dict[str, np.ndarray],
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files if k != "meta"}
             meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
-    except (OSError, ValueError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, json.JSONDecodeError) as e:
         raise UserError(f"{what} {str(path)!r} is not a readable .npz file ({_first_line(e)})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{what} {str(path)!r}: its meta record is a JSON {type(meta).__name__}, expected an object")
     return arrays, meta

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from diffcompress.checkpoint import CheckpointError, load_file, load_tensor
+from diffcompress.checkpoint import CheckpointError, check_weights, load_file, load_tensor
 from diffcompress.errors import UserError
 
 from .layout import ArchLayout, meta_unet
@@ -192,6 +192,7 @@ def read_sampled_codes(path: str | os.PathLike, num_experts: int, size: int) -> 
         raise CheckpointError(
             f"{where}: expected the experts' embedding_gs of shape ({num_experts}, {size}), got {got}"
         )
+    check_weights({"embedding_gs": codes}, str(where))
     return codes.detach().float().clone()
 
 
@@ -246,6 +247,7 @@ def _tensor(state: Mapping[str, torch.Tensor], key: str, shape: tuple[int, ...],
         raise CheckpointError(f"{where}: no tensor {key!r} (expected the authors' hypernet/quantizer key names)")
     if tuple(state[key].shape) != shape:
         raise CheckpointError(f"{where}: {key} has shape {tuple(state[key].shape)}, this UNet's layout needs {shape}")
+    check_weights({key: state[key]}, str(where))
     return state[key]
 
 
@@ -273,6 +275,7 @@ def _expert_parts(path: Path) -> tuple[Path, Path]:
 def read_arch_vector(path: str | os.PathLike, size: int) -> torch.Tensor:
     """``arch_vector.pt`` as a [size] tensor of its own (theirs is saved as a view of all K codes: cloned)."""
     vector = load_tensor(path)
+    check_weights({"arch_vector": vector}, str(path))
     if vector.numel() != size:
         raise CheckpointError(f"{path}: expected an architecture vector of {size} entries, got {tuple(vector.shape)}")
     return vector.detach().float().flatten().clone()
@@ -290,6 +293,7 @@ def load_authors_expert(path: str | os.PathLike) -> tuple[UNet2DConditionModel, 
     state = _weights(unet_dir)
     if problems := _misfit(expert, state):
         raise CheckpointError(f"{unet_dir / WEIGHTS_NAME} does not fit {vector_file}: {problems}")
+    check_weights(state, str(unet_dir / WEIGHTS_NAME), expert.state_dict())
     expert.load_state_dict(state, strict=True, assign=True)
     return expert.eval(), code
 

@@ -18,9 +18,7 @@ SIGTERM or SIGUSR1 writes a checkpoint and exits 0; ``logging.resume_from_checkp
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import math
 import os
 import shutil
@@ -34,7 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
 from diffcompress.checkpoint import save_checkpoint, write_json_atomic
-from diffcompress.cli import run
+from diffcompress.cli import ArgumentParser, run
 from diffcompress.distributed import get_logger
 from diffcompress.errors import UserError
 from diffcompress.trainer import StepSampler
@@ -44,12 +42,14 @@ from .data import CaptionedImages, collate, embedding_cache_path, load_captions,
 from .expert import materialize
 from .gated_unet import GatedUNet
 from .layout import meta_unet
-from .loop import run_steps
+from .loop import load_training_state, read_state, run_steps
 from .losses import block_loss, contrastive_loss, ddpm_loss, distill_loss, max_loss, resource_loss, std_loss
 from .macs import MacTable, mac_table
 from .router import Router, _hub_reachable, gather_keeping_grad
 
 STATE = "state.json"
+# what a checkpoint's state.json must hold to be resumed (aptp.loop.read_state checks the types)
+RESUMED_TYPES = {"budget": (int, float), "target": (int, float), "num_experts": int, "layout_size": int}
 
 
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -135,6 +135,8 @@ def resume_path(cfg: PruneConfig) -> Path | None:
 
 def check_resume(state: dict[str, Any], cfg: PruneConfig, layout_size: int, where: Path) -> None:
     """A checkpoint continues only the run it came from: same experts, layout and budget."""
+    if not 0 < state["target"] <= 1:
+        raise UserError(f"{where / STATE}: target is {state['target']}, expected a MAC share in (0, 1]")
     for key, ours in (
         ("num_experts", cfg.model.num_experts),
         ("layout_size", layout_size),
@@ -153,8 +155,9 @@ def save_state(
     """accelerate state + the module's weights (``weights``: router.pt) + state.json, written to a temporary folder
     renamed into place when complete."""
     tmp = folder.with_name(f".{folder.name}.tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)  # left by a crash while saving
+    if accelerator.is_main_process:  # left by saves killed mid-way, of this step or of any other
+        for stale in folder.parent.glob(".checkpoint-*.tmp"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # every process writes its RNG state there
     accelerator.wait_for_everyone()
@@ -225,7 +228,7 @@ def write_results(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="APTP pruning: train the prompt router of a frozen SD UNet")
+    parser = ArgumentParser(description="APTP pruning: train the prompt router of a frozen SD UNet")
     parser.add_argument("--config", required=True, help="YAML file (configs/aptp/pruning/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_train_steps=100")
     args = parser.parse_args(argv)
@@ -262,12 +265,14 @@ def main(argv: list[str] | None = None) -> None:
     latent_hw = t.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     table = mac_table(unet.config, latent_hw, tokenizer.model_max_length, gated.layout)
 
-    state = json.loads((resume / STATE).read_text()) if resume else {}
+    state = read_state(resume, STATE, RESUMED_TYPES) if resume else {}
     if resume:
         check_resume(state, cfg, gated.layout.size, resume)
     budget, target = cfg.model.budget, state.get("target") or table.budget(cfg.model.budget)
 
-    data = load_captions(cfg.data.dataset_name, cfg.data.data_dir, "train", cfg.data.max_train_samples)
+    data = load_captions(
+        cfg.data.dataset_name, cfg.data.data_dir, "train", cfg.data.max_train_samples, cfg.data.on_empty
+    )
     cache_dir = cfg.data.embedding_cache_dir or out / "prompt_embeddings"
     cache = embedding_cache_path(cache_dir, cfg.model.prompt_encoder, data.captions)
     how = "read from" if cache.is_file() else f"computed over {world} process(es) into"
@@ -296,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     router, optimizer = accelerator.prepare(router, optimizer)
     step = 0
     if resume:
-        accelerator.load_state(str(resume))
+        load_training_state(accelerator, resume, logger)  # each file it reads, named when it is broken
         step = state["step"]
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,53 @@ import torch
 from PIL import Image
 
 from .checkpoint import write_json_atomic
+from .errors import DataError, UserError
 from .vae import HUB_VAES
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MANIFEST = "manifest.json"
+ON_EMPTY = ("report", "fail")  # an empty class folder (or caption): count it and say so, or refuse the input
+
+
+def to_rgb8(img: Image.Image, path: str | os.PathLike | None = None) -> Image.Image:
+    """Any PIL image as 8-bit RGB, the one conversion every image reader uses (``path`` names it in errors).
+
+    ``Image.convert("RGB")`` clips 16-bit pixels to 255 (a white image): here 16-bit gray (modes ``I;16*``, and
+    ``I``, which Pillow uses for 16-bit PGM/PPM and TIFF) keeps its top 8 bits, ``v >> 8``, the same mapping Pillow
+    applies to 16-bit RGB(A) PNGs, so a 16-bit image whose values are ``v8 * 257`` (or ``v8 * 256``) gives exactly
+    the pixels of the 8-bit image. Refused with the file named (``DataError``): ``I`` pixels outside 0..65535 and
+    32-bit float images (mode ``F``: no standard range). Alpha is dropped, as torchvision's and DiT's loaders drop
+    it (the stored colour stays); palette, 1-bit, CMYK and YCbCr images convert as Pillow converts them."""
+    where = f"image {str(path)!r}" if path is not None else "an image"
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "I" or mode.startswith("I;16"):
+        arr = np.asarray(img)
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise DataError(
+                f"{where} has 32-bit integer pixels in {lo}..{hi}: expected 8-bit or 16-bit values (0..65535); "
+                f"save it as an 8- or 16-bit image"
+            )
+        return Image.fromarray((arr.astype(np.uint32) >> 8).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        raise DataError(
+            f"{where} has 32-bit float pixels (mode F), which have no standard range: expected 8- or 16-bit "
+            f"integer pixels; save it as an 8- or 16-bit image"
+        )
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # what Pillow asks for; the colours are the same
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise DataError(f"{where}: its mode {mode} cannot be converted to RGB ({e})") from None
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     """ADM/DiT center crop: BOX-halve while the short side is >= 2x the target, BICUBIC-resize the short
     side to ``image_size``, then crop the middle square. Returns uint8 ``[image_size, image_size, 3]``."""
-    pil_image = pil_image.convert("RGB")
+    pil_image = to_rgb8(pil_image)
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
@@ -50,7 +88,9 @@ def to_model_range(arr: np.ndarray) -> torch.Tensor:
 
 class ImageFolderIndex:
     """``root/<class>/**/<image>``: classes are the sorted folder names (labels 0..K-1), samples sorted by
-    (class, relative path), so an image's index is the same on every rank and every re-run.
+    (class, relative path), so an image's index is the same on every rank and every re-run. A class folder without
+    images keeps its label (the labels of the others must not shift): ``empty_classes`` lists them, for the script
+    to report or refuse (``empty_classes_line``).
 
     Paths and labels live in numpy arrays, not lists of Python objects: DataLoader workers forked from a
     process holding 1.28M ``Path`` objects would each end up copying them (reference counts touch the pages).
@@ -64,7 +104,7 @@ class ImageFolderIndex:
         if not self.classes:
             raise ValueError(f"image folder {str(root)!r} has no class folders (expected root/<class>/<images>)")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        rel, labels = [], []
+        rel, labels, self.empty_classes = [], [], []
         for label, name in enumerate(self.classes):
             found = []
             for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
@@ -72,6 +112,8 @@ class ImageFolderIndex:
                 base = Path(dirpath).relative_to(root).as_posix()
                 found += [f"{base}/{f}" for f in filenames if f.lower().endswith(IMG_EXTENSIONS)]
             found.sort()  # same class prefix, so this sorts by the path relative to the class folder
+            if not found:
+                self.empty_classes.append(name)
             rel += found
             labels += [label] * len(found)
         if not rel:
@@ -87,6 +129,16 @@ class ImageFolderIndex:
 
     def __getitem__(self, index: int) -> tuple[Path, int]:
         return self.root / self._rel[index].decode(), int(self.labels[index])
+
+    def empty_classes_line(self, on_empty: str = "report", flag: str = "--on-empty") -> str | None:
+        """The line reporting the empty class folders (None when there are none); ``on_empty="fail"`` raises it."""
+        if not self.empty_classes:
+            return None
+        n, examples = len(self.empty_classes), ", ".join(self.empty_classes[:3])
+        what = f"{n} of the {len(self.classes)} class folders of {str(self.root)!r} hold no images (e.g. {examples})"
+        if on_empty == "fail":
+            raise UserError(f"{what}: refused ({flag} fail); add their images, remove them, or pass {flag} report")
+        return f"note: {what}; their labels stay reserved, with 0 samples ({flag} fail refuses this)"
 
     @property
     def samples(self) -> list[tuple[Path, int]]:
@@ -112,7 +164,7 @@ class CroppedImages(torch.utils.data.Dataset):
         path, label = self.index[i]
         try:
             with Image.open(path) as img:
-                return i, to_model_range(center_crop_arr(img, self.image_size)), label, ""
+                return i, to_model_range(center_crop_arr(to_rgb8(img, path), self.image_size)), label, ""
         except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError...
             return i, None, label, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
@@ -132,8 +184,57 @@ def collate_images(batch: list[tuple[int, torch.Tensor | None, int, str]]) -> di
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
+    """``path/manifest.json`` (None when there is none); a file that is not a JSON object is a ``DataError``."""
     file = Path(path) / MANIFEST
-    return json.loads(file.read_text()) if file.is_file() else None
+    if not file.is_file():
+        return None
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise DataError(f"{str(file)!r} is not valid JSON ({e}): fix or delete it") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{str(file)!r} holds a {type(manifest).__name__}, expected a JSON object")
+    return manifest
+
+
+def load_npy(file: str | os.PathLike, what: str, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` of one ``.npy`` array, no pickles; any failure is a ``DataError`` naming ``what`` and the file."""
+    try:
+        arr = np.load(file, mmap_mode=mmap_mode, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{what} {str(file)!r} does not exist") from None
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
+        reason = next(iter(str(e).splitlines()), "")
+        raise DataError(f"{what} {str(file)!r} is not a readable .npy array ({type(e).__name__}: {reason})") from None
+    if not isinstance(arr, np.ndarray):  # np.load opens an .npz archive whatever its name
+        arr.close()
+        raise DataError(f"{what} {str(file)!r} is an .npz archive, expected one .npy array")
+    return arr
+
+
+def check_labels(labels: np.ndarray, file: str | os.PathLike, bound: tuple[int, str] | None = None) -> np.ndarray:
+    """Class labels as int64, or a ``DataError`` naming ``file``.
+
+    Integer arrays are taken as they are; float arrays only when every value is a whole number (``3.0`` is class 3:
+    some tools save labels as floats), never truncated (``3.7`` is refused, as are NaN and other dtypes). Every label
+    must be >= 0 and, with ``bound = (num_classes, where that number comes from)``, < num_classes: a label equal to
+    ``num_classes`` would silently be DiT's null (unconditional) class, a larger one an index error."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "f":
+        whole = np.isfinite(labels) & (labels == np.round(labels))
+        if not whole.all():
+            bad = labels[~whole].reshape(-1)[0]
+            raise DataError(f"labels file {str(file)!r} holds {bad!r}: expected integer class labels")
+    elif labels.dtype.kind not in "iu":
+        raise DataError(f"labels file {str(file)!r} holds {labels.dtype} values: expected integer class labels")
+    out = labels.astype(np.int64)
+    if out.size:
+        lo, hi = int(out.min()), int(out.max())
+        if lo < 0:
+            raise DataError(f"labels file {str(file)!r} holds the label {lo}: expected class labels >= 0")
+        if bound is not None and hi >= bound[0]:
+            raise DataError(f"labels file {str(file)!r} holds the label {hi}: expected 0..{bound[0] - 1} ({bound[1]})")
+    return out
 
 
 def _stem_key(stem: str) -> tuple[int, int | str]:
@@ -148,7 +249,12 @@ def _views(shape: tuple[int, ...], file: Path) -> tuple[int, tuple[int, int, int
         return shape[0], shape[1:]
     if len(shape) == 3:
         return 1, shape
-    raise ValueError(f"features file {str(file)!r} has shape {list(shape)}: expected [2,C,H,W] or [C,H,W]")
+    raise DataError(f"features file {str(file)!r} has shape {list(shape)}: expected [2,C,H,W] or [C,H,W]")
+
+
+def _check_float(arr: np.ndarray, file: Path) -> None:
+    if arr.dtype.kind != "f":
+        raise DataError(f"features file {str(file)!r} holds {arr.dtype} values: expected float16/32/64 latents")
 
 
 def _find_file_pair(path: Path, name: str | None) -> tuple[Path, Path] | None:
@@ -183,6 +289,11 @@ class FeatureDataset(torch.utils.data.Dataset):
         if layout not in (None, "files", "packed"):
             raise ValueError(f"layout must be 'files' or 'packed', got {layout!r}")
         self.manifest = read_manifest(path) or {}
+        n = self.manifest.get("num_classes")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
+            raise DataError(f"{str(path / MANIFEST)!r}: num_classes is {n!r}, expected a positive integer")
+        # labels are checked against this as they are read (open_features sets --num-classes when no manifest does)
+        self.label_bound = None if n is None else (n, f"num_classes {n} in {path / MANIFEST}")
         packed = (path / "features.npy").is_file()
         use_packed = layout == "packed" or (layout is None and packed)
         pair = None if use_packed else _find_file_pair(path, name)
@@ -215,17 +326,22 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.stems = np.array(sorted(feats, key=_stem_key))  # numpy, not a list: cheap to share with workers
         self._feat_dir, self._label_dir = feat_dir, label_dir
         first = self._feat_file(0)
-        self.views, self.latent_shape = _views(np.load(first, mmap_mode="r").shape, first)
+        arr = load_npy(first, "features file", mmap_mode="r")
+        _check_float(arr, first)
+        self.views, self.latent_shape = _views(arr.shape, first)
 
     def _init_packed(self) -> None:
-        self.features = np.load(self.path / "features.npy", mmap_mode="r")
-        label_file = self.path / "labels.npy"
+        feat_file, label_file = self.path / "features.npy", self.path / "labels.npy"
+        self.features = load_npy(feat_file, "packed features file", mmap_mode="r")
         if not label_file.is_file():
-            raise FileNotFoundError(f"{str(self.path / 'features.npy')!r} has no labels.npy beside it")
-        self.labels = np.load(label_file).astype(np.int64).reshape(-1)
+            raise FileNotFoundError(f"{str(feat_file)!r} has no labels.npy beside it")
+        labels = load_npy(label_file, "labels file")
+        if labels.ndim not in (1, 2) or (labels.ndim == 2 and labels.shape[1] != 1):
+            raise DataError(f"labels file {str(label_file)!r} has shape {list(labels.shape)}: expected [N]")
+        self.labels = check_labels(labels.reshape(-1), label_file, self.label_bound)
         if self.features.ndim != 5:
-            raise ValueError(f"{str(self.path / 'features.npy')!r} has shape {list(self.features.shape)}: "
-                             f"expected [N, V, C, H, W]")  # fmt: skip
+            raise DataError(f"{str(feat_file)!r} has shape {list(self.features.shape)}: expected [N, V, C, H, W]")
+        _check_float(self.features, feat_file)
         if len(self.features) != len(self.labels):
             raise ValueError(
                 f"packed features in {str(self.path)!r} do not match: {len(self.features)} features, "
@@ -237,27 +353,39 @@ class FeatureDataset(torch.utils.data.Dataset):
         return len(self.stems) if self.layout == "files" else len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        """One item; a bad file raises a ``DataError`` naming it (one line, also from a DataLoader worker)."""
         if self.layout == "packed":
-            return torch.from_numpy(np.array(self.features[i], dtype=np.float32)), int(self.labels[i])
+            x = np.array(self.features[i], dtype=np.float32)
+            if not np.isfinite(x).all():
+                raise DataError(f"row {i} of {str(self.path / 'features.npy')!r} holds NaN or infinite values")
+            return torch.from_numpy(x), int(self.labels[i])
         file = self._feat_file(i)
-        x = np.load(file)
+        x = load_npy(file, "features file")
+        _check_float(x, file)
         views, shape = _views(x.shape, file)
         if (views, shape) != (self.views, self.latent_shape):
-            raise ValueError(
+            raise DataError(
                 f"features file {str(file)!r} has {views} view(s) of {list(shape)}, "
                 f"the others {self.views} of {list(self.latent_shape)}"
             )
-        return torch.from_numpy(x.astype(np.float32, copy=False).reshape(views, *shape)), self._label(i)
+        x = x.astype(np.float32, copy=False).reshape(views, *shape)
+        if not np.isfinite(x).all():
+            raise DataError(f"features file {str(file)!r} holds NaN or infinite values")
+        return torch.from_numpy(x), self._label(i)
+
+    def describe(self, i: int) -> str:
+        """Where sample ``i`` comes from, for a message: its features file, or its row of features.npy."""
+        return str(self._feat_file(i)) if self.layout == "files" else f"row {i} of {self.path / 'features.npy'}"
 
     def _feat_file(self, i: int) -> Path:
         return self._feat_dir / f"{self.stems[i]}.npy"
 
     def _label(self, i: int) -> int:
         file = self._label_dir / f"{self.stems[i]}.npy"
-        y = np.load(file)
+        y = load_npy(file, "labels file")
         if y.size != 1:
-            raise ValueError(f"labels file {str(file)!r} holds {y.size} values, expected one")
-        return int(y.reshape(-1)[0])
+            raise DataError(f"labels file {str(file)!r} holds {y.size} values, expected one")
+        return int(check_labels(y.reshape(-1), file, self.label_bound)[0])
 
     @property
     def num_classes(self) -> int:
@@ -320,13 +448,23 @@ def pack_features(
 
 
 def open_features(path: str | os.PathLike, image_size: int | None, num_classes: int) -> FeatureDataset:
-    """The training scripts' feature set, checked against their ``--image-size`` and ``--num-classes``."""
+    """The training scripts' feature set, checked against their ``--image-size`` and ``--num-classes``: every label
+    must be in 0..num_classes-1 (the packed labels here, each label file as it is read)."""
     dataset = FeatureDataset(path)
     latent = dataset.latent_shape[1]
     if image_size is not None and latent not in (image_size, image_size // 8):
         raise ValueError(f"--image-size {image_size} does not fit the {latent}x{latent} features in {path}")
-    if dataset.num_classes > num_classes:
-        raise ValueError(f"{path} has {dataset.num_classes} classes, more than --num-classes {num_classes}")
+    recorded = dataset.manifest.get("num_classes")
+    if recorded is not None and recorded > num_classes:
+        raise ValueError(
+            f"{dataset.path / MANIFEST} says {recorded} classes, more than --num-classes {num_classes}: pass "
+            f"--num-classes {recorded}"
+        )
+    bound = (num_classes, f"--num-classes {num_classes}")
+    if dataset.layout == "packed":
+        check_labels(dataset.labels, dataset.path / "labels.npy", bound)
+    if dataset.label_bound is None:
+        dataset.label_bound = bound  # files without a manifest: each label file is checked as it is read
     return dataset
 
 

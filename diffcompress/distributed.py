@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -42,23 +44,38 @@ def setup_distributed(device: str | None = None, timeout_minutes: float = 30) ->
 
     ``device``: "cuda", "cpu" or None (CUDA when available). Each rank takes the GPU of its local rank.
     """
-    want = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but no CUDA device is available")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if want.startswith("cuda"):
-        dev = torch.device("cuda", local_rank if ":" not in want else int(want.split(":")[1]))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
         set_tf32(dev, True)  # as DiT; --no-tf32 turns it off again
-    else:
-        dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes), **kwargs)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+
+
+def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """The device a ``--device`` value names (None: CUDA when available, else CPU), checked here so that a missing
+    GPU or a mistyped name is one line, not a CUDA traceback. ``cuda`` takes the GPU of the local rank."""
+    want = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(want)
+    except RuntimeError:
+        raise UserError(f"--device {want!r}: expected cuda, cuda:N or cpu") from None
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {want}: no CUDA device is available on this machine; use --device cpu")
+    index = local_rank if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise UserError(
+            f"--device {want}: this machine has {torch.cuda.device_count()} CUDA device(s), no cuda:{index}"
+        )
+    return torch.device("cuda", index)
 
 
 def cleanup() -> None:

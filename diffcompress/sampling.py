@@ -14,6 +14,7 @@ from diffusion.dpm_solver import dpm_solver_sample_loop
 from models_with_layer_pruning import DiT, DiT_models, create_model
 
 from .checkpoint import load_dit_weights
+from .cli import non_negative_float, positive_int, sampling_steps
 from .distributed import autocast, resolve_precision, set_tf32
 from .downloads import resolve_checkpoint
 from .errors import UserError
@@ -22,7 +23,9 @@ from .vae import PixelCodec, VAECodec, load_vae
 
 def add_sampling_args(p: argparse.ArgumentParser, cfg_scale: float) -> None:
     p.add_argument("--model", choices=list(DiT_models), default="DiT-XL/2")
-    p.add_argument("--depth", type=int, default=None, help="override the model's depth (a model pruned from it)")
+    p.add_argument(
+        "--depth", type=positive_int, default=None, help="override the model's depth (a model pruned from it)"
+    )
     p.add_argument("--groups", default=None, help="custom N:M groups for a prunable model, e.g. '[[1,2],[2,4]]'")
     p.add_argument("--ckpt", default=None,
                    help="a checkpoint file (state dict, training checkpoint or safetensors), a released name "
@@ -32,11 +35,11 @@ def add_sampling_args(p: argparse.ArgumentParser, cfg_scale: float) -> None:
     p.add_argument("--random-init", action="store_true", help="sample from randomly initialised weights (no --ckpt)")
     p.add_argument("--no-ema", action="store_true", help="use 'model' instead of 'ema' from a training checkpoint")
     p.add_argument("--vae", default="ema", help="ema | mse | a local diffusers VAE folder | none (pixel-space model)")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--cfg-scale", type=float, default=cfg_scale)
+    p.add_argument("--image-size", type=positive_int, default=256)
+    p.add_argument("--num-classes", type=positive_int, default=1000)
+    p.add_argument("--cfg-scale", type=non_negative_float, default=cfg_scale)
     p.add_argument("--cfg-all-channels", action="store_true", help="guide every noise channel, not DiT's first 3")
-    p.add_argument("--num-sampling-steps", type=int, default=250)
+    p.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm-solver"], default="ddpm",
                    help="ddpm (the paper's), ddim, or dpm-solver (DPM-Solver++ 2M: use 20-25 steps)")  # fmt: skip
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
@@ -89,7 +92,7 @@ def load_model_and_codec(args: argparse.Namespace, device: torch.device) -> tupl
         in_channels=codec.channels, **({"depth": args.depth} if args.depth else {}),
     ).to(device)  # fmt: skip
     if args.ckpt:
-        load_dit_weights(model, args.ckpt, use_ema=not args.no_ema)
+        load_dit_weights(model, args.ckpt, use_ema=not args.no_ema, flag="--ckpt")
     else:
         print("note: --random-init: sampling from randomly initialised weights")
     return model.eval(), codec, latent_size

@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import load_file, save_checkpoint
+from .checkpoint import load_file, remove_partial_writes, save_checkpoint
+from .cli import non_negative_float, non_negative_int, positive_float, positive_int, unit_float
 from .distributed import DistInfo, autocast, get_logger, per_rank_batch, resolve_precision, set_tf32
 from .ema import create_ema, update_ema
 from .errors import UserError
@@ -75,30 +76,35 @@ def add_training_args(
     g.add_argument("--results-dir", default=RESULTS_DIR, help=f"experiment folders go here (default {RESULTS_DIR})")
     g.add_argument("--prefix", default="train", help="experiment folder: <results-dir>/<prefix>-<model>")
     default_text = f" (default {epochs})" if epochs else ""
-    g.add_argument("--epochs", type=int, default=epochs,
+    g.add_argument("--epochs", type=positive_int, default=epochs,
                    help=f"train this many epochs; the cosine lr moves once per epoch{default_text}")  # fmt: skip
-    g.add_argument("--max-steps", type=int, default=None,
+    g.add_argument("--max-steps", type=positive_int, default=None,
                    help="train this many steps instead (overrides --epochs; the cosine moves every step)")  # fmt: skip
-    g.add_argument("--global-batch-size", type=int, default=global_batch_size)
-    g.add_argument("--lr", type=float, default=lr)
-    g.add_argument("--lr-min", type=float, default=lr_min, help="floor of the cosine schedule")
+    g.add_argument("--global-batch-size", type=positive_int, default=global_batch_size)
+    g.add_argument("--lr", type=positive_float, default=lr)
+    g.add_argument("--lr-min", type=non_negative_float, default=lr_min, help="floor of the cosine schedule")
     g.add_argument("--lr-schedule", choices=["cosine", "constant"], default=schedule)
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
-    g.add_argument("--ema-decay", type=float, default=ema_decay)
-    g.add_argument("--global-seed", type=int, default=0)
-    g.add_argument("--num-workers", type=int, default=4)
-    g.add_argument("--log-every", type=int, default=100)
-    g.add_argument("--ckpt-every", type=int, default=10_000)
-    g.add_argument("--keep-last", type=int, default=0, help="keep only the newest K checkpoints (0 keeps all)")
+    g.add_argument("--warmup-steps", type=non_negative_int, default=0)
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    g.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm (0 disables)")
+    g.add_argument("--ema-decay", type=unit_float, default=ema_decay)
+    g.add_argument("--global-seed", type=non_negative_int, default=0)
+    g.add_argument("--num-workers", type=non_negative_int, default=4)
+    g.add_argument("--log-every", type=positive_int, default=100)
+    g.add_argument("--ckpt-every", type=positive_int, default=10_000)
+    g.add_argument(
+        "--keep-last", type=non_negative_int, default=0, help="keep only the newest K checkpoints (0 keeps all)"
+    )
     g.add_argument("--resume", default=None, help="a checkpoint to continue from, or 'auto' for the newest one")
-    g.add_argument("--max-nan-steps", type=int, default=100, help="stop after this many non-finite losses")
+    g.add_argument("--max-nan-steps", type=non_negative_int, default=100, help="stop after this many non-finite losses")
+    g.add_argument("--max-nan-share", type=unit_float, default=0.5,
+                   help="fail a run that skipped more than this share of its steps as non-finite (a run that skipped "
+                   "all of them always fails)")  # fmt: skip
     g.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls on CUDA (DiT's default; --no-tf32: full fp32 where fp32 runs)")  # fmt: skip
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
-    g.add_argument("--grad-accum-steps", type=int, default=1,
+    g.add_argument("--grad-accum-steps", type=positive_int, default=1,
                    help="split each rank's batch into this many micro-batches (same update, less memory)")  # fmt: skip
     g.add_argument("--compile", action="store_true", help="torch.compile every transformer block (slow first steps)")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
@@ -129,6 +135,13 @@ class StepSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.per_rank
+
+    def step_indices(self, step: int) -> list[int]:
+        """The dataset indices this rank trains on at global step ``step`` (to name a bad sample)."""
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.size, generator=g)[: self.steps_per_epoch * self.global_batch]
+        return order.view(self.steps_per_epoch, self.world, self.per_rank)[in_epoch, self.rank].tolist()
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -321,30 +334,43 @@ class _SkipCounter:
     """Counts skipped steps without stalling the device: on CUDA a step's flag is read once the next
     step is queued (an event wait for the earlier step only), on CPU at once."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, name_rows: Callable[[int, list[int]], list[str]] | None = None):
         self.cuda = device.type == "cuda"
-        self.pending: list[tuple[torch.Tensor, Any]] = []
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, Any]] = []
         self.total = self.since_log = 0
+        self.name_rows = name_rows  # (step, rows of the rank's batch) -> the samples' names
+        self.bad_inputs: list[str] = []  # samples with a non-finite input, in the steps skipped
 
-    def add(self, flag: torch.Tensor) -> None:
+    def add(self, step: int, flag: torch.Tensor, bad_rows: torch.Tensor) -> None:
+        """``bad_rows``: per row of the rank's batch, whether its input is non-finite (read only if skipped)."""
         if self.cuda:
             event = torch.cuda.Event()
-            host = flag.to("cpu", non_blocking=True)
+            host = flag.to("cpu", non_blocking=True), bad_rows.to("cpu", non_blocking=True)
             event.record()
-            self.pending.append((host, event))
+            self.pending.append((step, *host, event))
         else:
-            self.pending.append((flag, None))
+            self.pending.append((step, flag, bad_rows, None))
 
     def collect(self, keep: int | None = None) -> None:
         """Read the flags, all but the newest ``keep`` (default: 1 on CUDA, 0 on CPU)."""
         keep = (1 if self.cuda else 0) if keep is None else keep
         while len(self.pending) > keep:
-            flag, event = self.pending.pop(0)
+            step, flag, bad_rows, event = self.pending.pop(0)
             if event is not None:
                 event.synchronize()
             bad = int(flag.item())
             self.total += bad
             self.since_log += bad
+            if bad and bad_rows.any() and self.name_rows is not None:
+                rows = bad_rows.nonzero().flatten().tolist()
+                self.bad_inputs += [n for n in self.name_rows(step, rows) if n not in self.bad_inputs]
+
+    def inputs_text(self) -> str:
+        """'; non-finite input in <names>' when skipped steps had such samples, else ''."""
+        if not self.bad_inputs:
+            return ""
+        more = len(self.bad_inputs) - 3
+        return f"; non-finite input in {', '.join(self.bad_inputs[:3])}" + (f" (+{more} more)" if more > 0 else "")
 
 
 def train(
@@ -398,6 +424,9 @@ def train(
     opt = make_optimizer(groups, args)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args, max_steps, sampler.steps_per_epoch))
 
+    if info.is_main and ckpt_dir.is_dir():  # writes killed mid-way: never a checkpoint, and they can be GBs
+        for tmp in remove_partial_writes(ckpt_dir):
+            logger.info(f"removed {tmp}, left by a checkpoint write that did not finish")
     train_steps = 0
     resume_path = args.resume
     if resume_path == "auto":
@@ -414,16 +443,25 @@ def train(
         missing = {"model", "ema", "opt", "sched", "train_steps"} - set(state)
         if missing:
             raise TrainingError(f"--resume {resume_path}: not a training checkpoint (no {', '.join(sorted(missing))})")
-        saved = state.get("args", {})
+        saved = state.get("args") or {}
+        saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+        _check_same_model(resume_path, saved, args)
         if saved.get("global_batch_size") not in (None, args.global_batch_size):
             raise TrainingError(
                 f"--resume {resume_path}: it was trained with --global-batch-size {saved['global_batch_size']}, "
                 f"not {args.global_batch_size}; the data order would not continue exactly"
             )
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
+        try:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+        except (RuntimeError, ValueError, KeyError) as e:  # another architecture or set of trained parameters
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            first = lines[1 if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else 0][:300]
+            raise TrainingError(
+                f"--resume {resume_path}: the checkpoint does not fit this run (--model {args.model}): {first}"
+            ) from None
         train_steps = int(state["train_steps"])
         if restore_extra is not None:
             restore_extra(state)
@@ -465,13 +503,29 @@ def train(
 
     preemption = _Preemption()
     running: dict[str, torch.Tensor] = {}
-    skips = _SkipCounter(device)
+    skips = _SkipCounter(device, lambda step, rows: _sample_names(dataset, sampler.step_indices(step), rows))
+    start_step = train_steps
 
     def check_skips() -> None:
         if skips.total > args.max_nan_steps:
             raise TrainingError(
                 f"{skips.total} steps had a non-finite loss or gradient (bound --max-nan-steps "
-                f"{args.max_nan_steps}); lower --lr, use --precision fp32/bf16, or resume from an earlier checkpoint"
+                f"{args.max_nan_steps}){skips.inputs_text()}; lower --lr, use --precision fp32/bf16, or resume from "
+                f"an earlier checkpoint"
+            )
+
+    def check_share() -> None:
+        """At the end: a run that learned from (almost) none of its steps is a failure, not "done"."""
+        ran, share = train_steps - start_step, getattr(args, "max_nan_share", 0.5)
+        if ran and skips.total == ran:
+            raise TrainingError(
+                f"all {ran} steps of this run were skipped: their loss or gradient was not finite{skips.inputs_text()}"
+                f"; nothing was learned (check the data, lower --lr, or use --precision fp32)"
+            )
+        if ran and skips.total > share * ran:
+            raise TrainingError(
+                f"{skips.total} of {ran} steps were skipped as non-finite, more than --max-nan-share {share:g}"
+                f"{skips.inputs_text()}; check the data, lower --lr, or use --precision fp32"
             )
 
     history: list[dict[str, float]] = []
@@ -488,8 +542,9 @@ def train(
                 torch.manual_seed(step_seed(args.global_seed, info.rank, train_steps))
                 x = choose_view(x.to(device, non_blocking=True))
                 y = y.to(device, non_blocking=True)
+                bad_rows = x.flatten(1).isfinite().all(1).logical_not()  # to name a bad sample if the step skips
                 terms, skipped_flag = step_fn(x, y, train_steps)
-                skips.add(skipped_flag)
+                skips.add(train_steps, skipped_flag, bad_rows)
                 skips.collect()
                 check_skips()
                 sched.step()
@@ -523,6 +578,8 @@ def train(
                     running, skips.since_log = {}, 0
                     log_start, log_step0 = time.perf_counter(), train_steps
 
+                if train_steps == max_steps:
+                    check_share()  # before the last checkpoint: a run that learned nothing writes no result
                 if train_steps % args.ckpt_every == 0 or train_steps == max_steps:
                     last_ckpt, saved_step = save(train_steps), train_steps
                 if _any_rank(preemption.requested, info):
@@ -547,6 +604,24 @@ def train(
         state = "preempted" if preempted else "done"
         logger.info(f"{state} at step {train_steps}; experiment folder {exp_dir}, last checkpoint {last_ckpt}")
     return TrainResult(train_steps, last_ckpt, exp_dir, preempted, skips.total, history, ema)
+
+
+def _sample_names(dataset: Dataset, indices: list[int], rows: list[int]) -> list[str]:
+    """Names of the samples at ``rows`` of a batch drawn from ``indices``: the dataset's file when it can say."""
+    describe = getattr(dataset, "describe", None)
+    return [describe(indices[r]) if describe is not None else f"sample {indices[r]}" for r in rows]
+
+
+def _check_same_model(path: Any, saved: dict[str, Any], args: argparse.Namespace) -> None:
+    """A checkpoint continues only a run of the same model: say which file and both models, not a shape error."""
+    for flag in ("model", "depth", "groups"):
+        theirs, ours = saved.get(flag), getattr(args, flag, None)
+        if theirs is not None and ours is not None and theirs != ours:
+            where = f" (found by --resume auto in {Path(path).parent})" if args.resume == "auto" else ""
+            raise TrainingError(
+                f"--resume {path}{where}: the checkpoint is of --{flag} {theirs}, this run is --{flag} {ours}: pass "
+                f"--{flag} {theirs} to continue it, or another --prefix / --results-dir to start a new run"
+            )
 
 
 def _mean_over_ranks(x: torch.Tensor, info: DistInfo) -> float:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import warnings
 from pathlib import Path
 
@@ -50,24 +53,66 @@ class VAECodec:
         return self.vae.decode((latents / LATENT_SCALE).to(self.vae.dtype)).sample.float()
 
 
+def looks_like_path(spec: str) -> bool:
+    """A ``--vae`` value meant as a local folder, not a hub id (``org/name``): it starts with ``.``, ``~`` or a
+    separator, ends with one, or has more than one part."""
+    seps = "/" + (os.sep if os.sep != "/" else "") + (os.altsep or "")
+    parts = re.split(f"[{re.escape(seps)}]", spec)
+    return spec.startswith((".", "~", *seps)) or spec.endswith(tuple(seps)) or len(parts) > 2
+
+
+def _load_local(autoencoder, folder: Path, spec: str) -> torch.nn.Module:
+    """A diffusers AutoencoderKL from a local folder, its weights checked (finite floats); one line when the folder
+    is not one."""
+    from .checkpoint import check_weights
+
+    if not folder.is_dir():
+        raise UserError(f"--vae {spec}: is a file, expected a diffusers AutoencoderKL folder (with config.json)")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"--vae {spec}: the folder has no config.json (expected a diffusers AutoencoderKL folder)")
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--vae {spec}: {folder / 'config.json'} is not valid JSON ({e})") from None
+    weights = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+    if not any((folder / name).is_file() for name in weights):
+        raise UserError(f"--vae {spec}: the folder has no {weights[0]} (nor .bin): the VAE's weights are missing")
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its logs about a broken folder: said in one line
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            vae = autoencoder.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken folder: the folder's fault
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
+        raise UserError(f"--vae {spec}: {folder} is not a loadable diffusers AutoencoderKL folder ({reason})") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    check_weights(vae.state_dict(), f"--vae {spec}")
+    return vae
+
+
 def load_vae(spec: str, device: torch.device | str = "cpu") -> PixelCodec | VAECodec:
     """``none`` -> pixels; a local diffusers VAE folder; ``ema``/``mse`` or a hub id: a copy in
     ``pretrained_dir()/<name>``, else the Hugging Face cache, else a download (online only), else one line."""
     if spec == "none":
         return PixelCodec()
+    local = Path(spec).expanduser()
+    if not local.exists() and looks_like_path(spec):
+        raise UserError(
+            f"--vae {spec}: no such folder (expected a local diffusers AutoencoderKL folder with config.json; or ema, "
+            f"mse, a Hugging Face id such as stabilityai/sd-vae-ft-ema, or none)"
+        )
     from diffusers import AutoencoderKL
 
-    local = Path(spec)
     if local.exists():
-        if not (local / "config.json").is_file():
-            raise FileNotFoundError(
-                f"--vae {spec}: the folder has no config.json (expected a diffusers AutoencoderKL folder)"
-            )
-        return VAECodec(AutoencoderKL.from_pretrained(local).to(device), str(local))
+        return VAECodec(_load_local(AutoencoderKL, local, spec).to(device), str(local))
     repo = HUB_VAES.get(spec, spec)
     copy = pretrained_dir() / repo.split("/")[-1]  # where download.py --vae and the error below put it
     if (copy / "config.json").is_file():
-        return VAECodec(AutoencoderKL.from_pretrained(copy).to(device), str(copy))
+        return VAECodec(_load_local(AutoencoderKL, copy, spec).to(device), str(copy))
     try:  # the cache first, without a request: offline machines with a cached VAE need no network
         with warnings.catch_warnings():  # diffusers passes hub arguments that huggingface_hub deprecated
             warnings.simplefilter("ignore")
@@ -82,8 +127,9 @@ def load_vae(spec: str, device: torch.device | str = "cpu") -> PixelCodec | VAEC
             except Exception as e:  # offline, unknown id, or a partial download: one clear line
                 why = f"the download failed ({type(e).__name__})"
         if vae is None:
+            where = f"a local folder {spec}, " if spec == repo and "/" in spec else ""
             raise UserError(
-                f"--vae {spec}: {repo} is neither in {copy} nor in the Hugging Face cache, and {why}. Download "
+                f"--vae {spec}: {repo} is neither {where}in {copy} nor in the Hugging Face cache, and {why}. Download "
                 f"https://huggingface.co/{repo} on a machine with network (python download.py --vae {spec}, or "
                 f"hf download {repo} --local-dir {copy}) and put it at {copy}, or pass --vae PATH (or none)"
             )

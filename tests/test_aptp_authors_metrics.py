@@ -210,7 +210,8 @@ def test_resize_and_save_images(tmp_path, script):
     assert np.abs(got.astype(int) - float_bilinear(a, 31, 53)).max() <= 1
 
     one_error_line(script(RESIZE, "--data_dir", tmp_path / "none", "--output_dir", tmp_path / "o"), "--data_dir")
-    one_error_line(script(RESIZE, "--data_dir", src, "--output_dir", tmp_path / "o", "--size", 0, 8), "--size 0 8")
+    zero = script(RESIZE, "--data_dir", src, "--output_dir", tmp_path / "o", "--size", 0, 8)
+    one_error_line(zero, "argument --size", "positive integer")
     one_error_line(script(RESIZE, "--data_dir", src, "--output_dir", tmp_path / "o", "--size", 8), "--size")
 
 

@@ -193,10 +193,13 @@ def test_evaluate_against_coco30k(coco, tmp_path, monkeypatch, capsys):
     cases = [
         (["--coco30k", str(root), "--ref-dir", str(gen)], "--ref-dir and --coco30k both"),
         (["--ref-dir", str(gen), "--max_samples", "3"], "applies only with --coco30k"),
-        (["--coco30k", str(root), "--max_samples", "0"], "positive count"),
         (["--coco30k", str(root), "--max_samples", "40"], "only 39 images"),
         (["--coco30k", str(root), "--reference_preprocess", "authors", "--resolution", "0"], "cannot be 0"),
     ]
     for extra, message in cases:
         with pytest.raises(UserError, match=message):
             evaluate.main([str(gen), *extra, *common])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # counts are checked by the argument parser
+        evaluate.main([str(gen), "--coco30k", str(root), "--max_samples", "0", *common])
+    assert e.value.code == 2 and "argument --max-samples/--max_samples: expected a positive" in capsys.readouterr().err

@@ -222,3 +222,44 @@ def test_embedding_cache_is_computed_once(tmp_path, monkeypatch):
     os.utime(config, ns=(1, 1))  # a changed encoder folder is another encoder
     assert embedding_cache_path(tmp_path / "cache", encoder, captions) != path
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # no part files left behind
+
+
+# ------------------------------------------------------------------------------------------- issue 21: bad input
+
+
+def test_cc3m_tsv_rows_split_on_newline_only_bom_and_empty_captions(tmp_path, capsys):
+    from aptp.data import load_cc3m
+
+    root = write_cc3m(tmp_path, train_rows=4, val_rows=0, flaws=False)
+    tsv = root / "Train_GCC-training.tsv"
+    lines = tsv.read_bytes().split(b"\n")[:4]
+    lines[0] = b"\xef\xbb\xbf" + lines[0]  # a BOM
+    lines[1] = b"a caption with a stray \r inside" + lines[1][lines[1].index(b"\t") :]
+    lines[2] = b"  " + lines[2][lines[2].index(b"\t") :]  # empty caption
+    tsv.write_bytes(b"\n".join(lines) + b"\n")
+    table = load_cc3m(root)
+    assert len(table) == 4 and table.ids.tolist() == [0, 1, 2, 3] and table.empty == 1
+    assert not table.captions[0].startswith("\ufeff") and table.captions[1] == "a caption with a stray \r inside"
+    assert table.captions[2] == "" and "1 of its 4 captions with an image are empty (rows 2)" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"data\.on_empty=fail"):
+        load_cc3m(root, on_empty="fail")
+
+
+def test_16_bit_images_are_scaled_not_clipped():
+    gray = (np.arange(24 * 24).reshape(24, 24) % 256).astype(np.uint8)
+    transform = ImageTransform(16)
+    expected = transform(Image.fromarray(gray).convert("RGB"))
+    assert torch.equal(transform(Image.fromarray(gray.astype(np.uint16) * 257)), expected)
+
+
+def test_corrupt_embedding_cache_is_computed_again(tmp_path, capsys):
+    from aptp.data import StringArray, _cache_ok
+
+    path = tmp_path / "cache.npy"
+    path.write_bytes(b"\x93NUMPY truncated")
+    assert not _cache_ok(path, 3) and "computing it again" in capsys.readouterr().out
+    np.save(path, np.zeros((2, 4), np.float32))
+    assert not _cache_ok(path, 3)
+    np.save(path, np.zeros((3, 4), np.float32))
+    assert _cache_ok(path, 3)
+    assert len(StringArray(["a"])) == 1

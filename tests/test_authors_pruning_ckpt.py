@@ -109,14 +109,15 @@ def test_their_gates_and_adapters_load_and_compute_as_theirs(features, tmp_path)
 
 
 def test_finish_their_run_here(features, tmp_path):
-    """prune_by_learning.py --load-weight their.pt with lr 0: the decision and the merged shallow model are theirs."""
+    """prune_by_learning.py --load-weight their.pt with a vanishing lr (0 is refused): the decision and the merged
+    shallow model are theirs."""
     groups = [[1, 2], [2, 4], [3, 6]]  # tiles DiT-Ti/4's 12 blocks
     config = dict(input_size=8, num_classes=4)
     state = authors_state(create_model("DiT-Ti/4", **config), groups, seed=3)
     path = their_checkpoint(tmp_path / "their.pt", state, state)
     out = tmp_path / "pruned.pt"
     flags = ["--model", "DiT-Ti/4", "--groups", json.dumps(groups), "--load-weight", str(path), "--lora", "--delta-w",
-             "--lr", "0", "--max-steps", "1", "--merge-weights", "--save-model", str(out)]  # fmt: skip
+             "--lr", "1e-30", "--max-steps", "1", "--merge-weights", "--save-model", str(out)]  # fmt: skip
     summary = pbl.main(lora_args(features, tmp_path, *flags))
     mask = reference_mask(state, groups)
     assert summary["kept_indices"] == mask.nonzero().flatten().tolist()

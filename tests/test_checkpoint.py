@@ -231,3 +231,112 @@ def test_resave_without_metadata_removes_stale_sidecar(tmp_path):
     assert read_metadata(path)["kept_indices"] == [0, 1]
     save_checkpoint(model.state_dict(), path)
     assert read_metadata(path) is None
+
+
+# ------------------------------------------------------------------------- issue 21: weights, metadata, code
+
+
+def test_non_finite_and_non_float_weights_are_refused_unless_allowed(tmp_path, monkeypatch):
+    sd = tiny().state_dict()
+    sd["blocks.1.mlp.fc1.weight"] = sd["blocks.1.mlp.fc1.weight"].clone()
+    sd["blocks.1.mlp.fc1.weight"][0, :2] = float("nan")
+    sd["pos_embed"] = sd["pos_embed"].long()
+    msg = load_error(tiny(), sd, flag="--ckpt")
+    assert "'blocks.1.mlp.fc1.weight' has 2 NaN/inf values" in msg and "'pos_embed' is int64" in msg
+    assert "DIFFCOMPRESS_ALLOW_NONFINITE_WEIGHTS=1" in msg and "--ckpt" in msg
+    monkeypatch.setenv("DIFFCOMPRESS_ALLOW_NONFINITE_WEIGHTS", "1")
+    model = tiny()
+    load_dit_weights(model, sd)
+    assert torch.isnan(model.blocks[1].mlp.fc1.weight).any()
+
+
+def test_flags_name_the_file_and_the_model_flag(tmp_path):
+    torch.save(tiny(depth=2).state_dict(), tmp_path / "t.pt")
+    msg = load_error(tiny(depth=4), tmp_path / "t.pt", flag="--load-teacher", model_flag="--teacher")
+    assert msg.startswith(f"checkpoint {str(tmp_path / 't.pt')!r} (--load-teacher) does not fit")
+    assert "--model" not in msg
+
+
+def _sidecar(tmp_path, **changes):
+    kept = [0, 3]
+    path = save_pruned(pruned_state_dict(tiny().state_dict(), kept), tmp_path / "p.pt", kept, "DiT-Ti/4")
+    meta = json.loads((tmp_path / "p.pt.json").read_text())
+    meta.update(changes)
+    (tmp_path / "p.pt.json").write_text(json.dumps(meta))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes,words",
+    [
+        (dict(kept_indices=[0, 12]), "[12] are out of range for DiT-Ti/4 of depth 12"),
+        (dict(kept_indices=[3, 0]), "not increasing"),
+        (dict(kept_indices=[0, True]), "not a non-empty list"),
+        (dict(kept_indices=[0, 1, 2], depth=3), "says depth 3, the checkpoint holds 2 blocks"),
+        (dict(groups=[[1, 6], [1, 6]]), "group 0 [1, 6] (blocks 0-5) keeps [0, 3], expected 1"),
+        (dict(groups=[[1, 2]]), "cover 2 blocks, DiT-Ti/4 has 12"),
+        (dict(groups="1:2"), "not a list of [N, M] pairs"),
+        (dict(source_model=None), "None is not a registered model"),
+    ],
+)
+def test_pruned_metadata_is_checked_against_the_file(tmp_path, changes, words):
+    path = _sidecar(tmp_path, **changes)
+    msg = load_error(tiny(depth=2), path)
+    assert "p.pt.json" in msg
+    assert words in msg
+
+
+def test_metadata_not_json_is_one_line(tmp_path):
+    path = _sidecar(tmp_path)
+    (tmp_path / "p.pt.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match=r"p\.pt\.json.*not valid JSON"):
+        read_metadata(path)
+
+
+def _payload(fn, arg):
+    class Payload:
+        def __reduce__(self):
+            return (fn, (arg,))
+
+    return Payload()
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_code_is_named_never_corrupt_never_weights_only_false(tmp_path, legacy):
+    import os
+
+    path = tmp_path / "evil.pt"
+    torch.save({"a": torch.zeros(2), "b": _payload(os.system, "true")}, path, _use_new_zipfile_serialization=not legacy)
+    msg = load_error(tiny(), path)
+    assert "holds code, refused" in msg and "posix.system" in msg
+    assert "corrupt" not in msg and "weights_only" not in msg
+
+
+def test_truncated_zip_with_code_is_still_code(tmp_path):
+    import os
+
+    path = tmp_path / "evil.pt"
+    torch.save({"b": _payload(os.system, "true"), "a": torch.zeros(100000)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    msg = load_error(tiny(), path)
+    assert "holds code, refused" in msg and "posix.system" in msg
+
+
+def test_corrupt_pickle_reason_never_suggests_weights_only_false(tmp_path):
+    import pickle
+
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"a": [1, 2, 3]}, protocol=4))  # no code, but not a torch file
+    msg = load_error(tiny(), path)
+    assert "weights_only" not in msg and "holds code" not in msg
+
+
+def test_aptp_tensor_files_go_through_the_same_loader(tmp_path):
+    import os
+
+    from diffcompress.checkpoint import load_tensor
+
+    torch.save(_payload(os.system, "true"), tmp_path / "arch_vector.pt")
+    with pytest.raises(CheckpointError, match="holds code, refused"):
+        load_tensor(tmp_path / "arch_vector.pt")

@@ -1,6 +1,7 @@
 """diffcompress.data: the ADM center crop, the image folder index, both feature layouts and packing."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -234,3 +235,63 @@ def test_pack_features_round_trip(tmp_path, single_view):
         assert torch.equal(half[i][0], files[i][0].half().float()) and half[i][1] == files[i][1]
     assert json.loads((src / "manifest.json").read_text())["layout"] == "files+packed"
     assert not list(src.glob(".*tmp")) and not list((tmp_path / "p32").glob(".*tmp"))
+
+
+# ------------------------------------------------------------------------------------------- issue 21: bad input
+
+
+def test_to_rgb8_scales_16_bit_and_refuses_float():
+    from diffcompress.data import to_rgb8
+    from diffcompress.errors import DataError
+
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    for sixteen in (gray.astype(np.uint16) * 257, gray.astype(np.uint16) << 8):  # both 8 -> 16-bit conventions
+        out = np.asarray(to_rgb8(Image.fromarray(sixteen)))  # mode I;16
+        assert out.dtype == np.uint8 and np.array_equal(out, np.repeat(gray[..., None], 3, axis=2))
+    wide = Image.fromarray(gray.astype(np.int32) * 257)  # mode I
+    assert np.array_equal(np.asarray(to_rgb8(wide))[..., 0], gray)
+    with pytest.raises(DataError, match=r"'x\.tif' has 32-bit integer pixels in 0\.\.16515072"):
+        to_rgb8(Image.fromarray(gray.astype(np.int32) << 16), "x.tif")
+    with pytest.raises(DataError, match=r"'f\.tif' has 32-bit float pixels"):
+        to_rgb8(Image.fromarray(gray.astype(np.float32)), "f.tif")
+
+
+def test_labels_integral_floats_accepted_others_refused():
+    from diffcompress.data import check_labels
+    from diffcompress.errors import DataError
+
+    assert check_labels(np.array([0.0, 3.0]), "l.npy", (4, "--num-classes 4")).tolist() == [0, 3]
+    for bad, words in (([3.7], "3.7"), ([np.nan], "nan"), ([True], "bool"), ([4], "0..3"), ([-1], ">= 0")):
+        with pytest.raises(DataError, match=re.escape(words)):
+            check_labels(np.array(bad), "l.npy", (4, "--num-classes 4"))
+
+
+def test_worker_error_is_one_line_naming_the_file():
+    from diffcompress.errors import DataError
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise DataError(f"features file '{i}.npy' is broken")
+
+    loader = torch.utils.data.DataLoader(Broken(), num_workers=1)
+    it = iter(loader)
+    with pytest.raises(DataError) as e:
+        next(it)
+    it._shutdown_workers()
+    assert str(e.value) == "features file '0.npy' is broken (DataLoader worker process 0)"
+
+
+def test_empty_class_folders_keep_their_labels(tmp_path):
+    from diffcompress.errors import UserError
+
+    for c in ("a", "b", "c"):
+        (tmp_path / c).mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "c" / "x.png")
+    index = ImageFolderIndex(tmp_path)
+    assert index.empty_classes == ["a", "b"] and index.samples[0][1] == 2
+    assert "2 of the 3 class folders" in index.empty_classes_line() and "(e.g. a, b)" in index.empty_classes_line()
+    with pytest.raises(UserError, match="--on-empty fail"):
+        index.empty_classes_line("fail")

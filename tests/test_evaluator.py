@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.models.inception as tvi
+from PIL import Image
 
 from diffcompress.adm_eval import NpzImages, batch_activations, evaluate, reference_statistics
 from diffcompress.downloads import fetch_weights
@@ -212,3 +213,116 @@ def test_missing_weights_offline_say_what_to_download(tmp_path, monkeypatch):
         fetch_weights(tmp_path / "nope.pth", "x", url, "FID Inception weights", "--inception-weights")
     (tmp_path / "pt_inception.pth").write_bytes(b"cached")
     assert fetch_weights(None, "pt_inception.pth", url, "w", "--w") == tmp_path / "pt_inception.pth"
+
+
+class StubBackend:
+    """Features without a network: pool [N, 6] and spatial [N, 5] from the pixels; counts its calls."""
+
+    name = "stub"
+
+    def __init__(self):
+        self.calls = 0
+
+    def identity(self) -> str:
+        return "stub:1"
+
+    def activations(self, images):
+        self.calls += 1
+        x = np.asarray(images, np.float32).reshape(len(images), -1)
+        return x[:, :6] / 255, x[:, 6:11] / 255
+
+    def softmax(self, pool):
+        e = np.exp(pool)
+        return e / e.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("how", ["garbage", "empty", "nan", "keys", "count", "ints"])
+def test_a_broken_activation_cache_is_said_and_rebuilt(tmp_path, capsys, how):
+    from diffcompress.adm_eval import _cache_file
+
+    path = tmp_path / "batch.npz"
+    np.savez(path, arr_0=random_images(5, 1, size=8))
+    backend, cache = StubBackend(), tmp_path / "cache"
+    pool, spatial = batch_activations(path, backend, cache=cache, progress=False)
+    cached = _cache_file(path, backend, cache)
+    if how == "garbage":
+        cached.write_bytes(b"PK\x03\x04 garbage")
+    elif how == "empty":
+        cached.write_bytes(b"")
+    elif how == "nan":
+        np.savez(cached, pool=np.full_like(pool, np.nan), spatial=spatial)
+    elif how == "keys":
+        np.savez(cached, features=pool)
+    elif how == "count":
+        np.savez(cached, pool=pool[:3], spatial=spatial[:3])
+    else:
+        np.savez(cached, pool=pool.astype(np.int64), spatial=spatial)
+    capsys.readouterr()
+    again, _ = batch_activations(path, backend, cache=cache, progress=False)
+    out = capsys.readouterr().out
+    assert f"activation cache {cached} is not usable" in out and "recomputing it" in out
+    assert backend.calls == 2 and np.array_equal(again, pool)
+    batch_activations(path, backend, cache=cache, progress=False)  # rebuilt: read back, the network not run
+    assert backend.calls == 2 and "reusing activations" in capsys.readouterr().out
+
+
+def test_non_finite_activations_and_results_are_refused(tmp_path):
+    path = tmp_path / "batch.npz"
+    np.savez(path, arr_0=random_images(5, 1, size=8))
+    backend = StubBackend()
+    backend.activations = lambda images: (np.full((len(images), 6), np.nan, np.float32), np.zeros((len(images), 5)))
+    with pytest.raises(UserError, match="batch.npz: the stub Inception gave NaN or inf activations"):
+        batch_activations(path, backend, progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_mismatched_batches_and_bad_reference_statistics_are_named(tmp_path):
+    from diffcompress.adm_eval import check_batches, precomputed_statistics
+
+    ref, other = tmp_path / "ref.npz", tmp_path / "sample.npz"
+    np.savez(ref, arr_0=random_images(5, 1, size=8), mu=np.zeros(6), sigma=np.eye(6), mu_s=np.zeros(5),
+             sigma_s=np.eye(5))  # fmt: skip
+    np.savez(other, arr_0=random_images(5, 2, size=16))
+    with pytest.raises(UserError, match=r"ref.npz holds 8x8 images but sample .*sample.npz holds 16x16"):
+        check_batches(NpzImages(ref), NpzImages(other))
+    assert precomputed_statistics(ref)[0][0].shape == (6,)
+    bad = dict(np.load(ref))
+    bad["sigma"] = np.full((6, 6), np.inf)
+    np.savez(ref, **bad)
+    with pytest.raises(UserError, match="ref.npz: precomputed statistic sigma holds NaN or inf"):
+        precomputed_statistics(ref)
+    # the stub's statistics are used (no network): an honest run gives finite numbers, identical sets FID ~ 0
+    np.savez(ref, arr_0=random_images(6, 1, size=8))
+    results = evaluate(ref, ref, StubBackend(), progress=False)
+    assert abs(results["fid"]) < 1e-9 and results["num_ref"] == 6
+
+
+def test_aptp_reference_cache_is_rebuilt_and_a_given_file_checked(tmp_path):
+    from aptp.evaluate import embeddings_problem, reference, stats_problem
+    from aptp.metrics import save_npz
+
+    ref_files = [tmp_path / "a.png"]
+    Image.new("RGB", (4, 4)).save(ref_files[0])
+    computed = []
+
+    def compute(files):
+        computed.append(len(files))
+        return {"mu": np.zeros(3), "sigma": np.eye(3)}, {"num_images": len(files)}
+
+    notes = []
+    cache = tmp_path / "stats.npz"
+    for broken in (b"PK\x03\x04 garbage", b""):
+        cache.write_bytes(broken)
+        arrays, _ = reference("FID", cache, "--ref-stats", ref_files, {"mode": "x"}, compute, notes.append,
+                              stats_problem)  # fmt: skip
+        assert "is not usable (unreadable" in notes[-2] and "recomputing it" in notes[-2]
+    save_npz(cache, {"mu": np.array([np.nan, 0, 0]), "sigma": np.eye(3)}, {"mode": "x"})
+    reference("FID", cache, "--ref-stats", ref_files, {"mode": "x"}, compute, notes.append, stats_problem)
+    assert "mu holds NaN or inf values" in notes[-2] and len(computed) == 3
+    assert np.isfinite(np.load(cache)["mu"]).all()
+    np.savez(cache, mu=np.zeros(3), sigma=np.eye(4))  # clean-fid's format, given alone: checked, not rebuilt
+    with pytest.raises(UserError, match=r"--ref-stats .*stats.npz: mu \[3\] and sigma \[4, 4\] are not"):
+        reference("FID", cache, "--ref-stats", None, {}, compute, notes.append, stats_problem)
+    np.savez(cache, embeddings=np.full((2, 3), np.inf))
+    with pytest.raises(UserError, match="--ref-embeddings .*embeddings hold NaN or inf"):
+        reference("CMMD", cache, "--ref-embeddings", None, {}, compute, notes.append, embeddings_problem)

@@ -106,8 +106,8 @@ def test_non_finite_step_is_skipped_on_the_device():
 
 def test_skip_counter_reads_every_flag():
     counter = _SkipCounter(CPU)
-    for flag in (0.0, 1.0, 1.0, 0.0):
-        counter.add(torch.tensor(flag))
+    for step, flag in enumerate((0.0, 1.0, 1.0, 0.0)):
+        counter.add(step, torch.tensor(flag), torch.zeros(2, dtype=torch.bool))
         counter.collect()
     assert (counter.total, counter.since_log, counter.pending) == (2, 2, [])
 

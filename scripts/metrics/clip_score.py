@@ -18,26 +18,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `python scripts/metrics/...`
 from aptp.authors_metrics import append_result, clip_score_of_folders  # noqa: E402
-from diffcompress.cli import run  # noqa: E402
+from diffcompress.cli import ArgumentParser, non_negative_int, positive_int, run  # noqa: E402
 from diffcompress.errors import UserError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> float:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gen_images_dir", required=True, help="generated images (PNG/JPG)")
     p.add_argument("--text_features_dir", required=True, help="one .npy text feature per image (clip_features.py)")
     p.add_argument("--result_dir", required=True, help="clip_score.txt gets one line per run")
     p.add_argument("--dataset_name", required=True, help="recorded in the result line")
     p.add_argument("--clip_model", default="ViT-B/32", help="OpenAI CLIP name, hub id or local CLIP folder")
-    p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers reading the images")
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--num_workers", type=non_negative_int, default=4, help="DataLoader workers reading the images")
+    p.add_argument("--batch_size", type=positive_int, default=64)
     p.add_argument("--device", help="ours: cuda or cpu (default: cuda when available)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0:
         raise UserError("--batch_size must be positive and --num_workers not negative")
-    import torch
+    from diffcompress.distributed import resolve_device  # here: torch loads only once the flags are read
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device))
     value, pairs = clip_score_of_folders(
         args.gen_images_dir, args.text_features_dir, args.clip_model, args.batch_size, args.num_workers, device
     )

@@ -24,24 +24,24 @@ from aptp.metrics import (
     FID_MODE,  # noqa: E402
     list_images,  # noqa: E402
 )
-from diffcompress.cli import run  # noqa: E402
+from diffcompress.cli import ArgumentParser, non_negative_int, positive_int, run  # noqa: E402
 from diffcompress.errors import UserError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> float:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gen_dir", required=True, help="generated images (PNG/JPG)")
     p.add_argument("--result_dir", required=True, help="fid.txt gets one line per run")
     p.add_argument("--dataset", default="coco-30k", help="clean-fid custom statistics name (the reference)")
     p.add_argument("--mode", default=FID_MODE, help=f"clean-fid mode: only {FID_MODE}")
     ours = p.add_argument_group("ours (the reference, and how to read)")
     ours.add_argument("--coco30k", metavar="COCO_DIR", help="reference: COCO-30k of this COCO 2014 folder")
-    ours.add_argument("--num_samples", type=int, help="with --coco30k: the first N images of the draw")
+    ours.add_argument("--num_samples", type=positive_int, help="with --coco30k: the first N images of the draw")
     ours.add_argument("--ref_dir", help="reference: a folder of images")
     ours.add_argument("--ref_stats", help="reference: statistics .npz (mu, sigma)")
     ours.add_argument("--inception_weights", help="local pt_inception-2015-12-05-6726825d.pth")
-    ours.add_argument("--batch_size", type=int, default=64)
-    ours.add_argument("--num_workers", type=int, default=4)
+    ours.add_argument("--batch_size", type=positive_int, default=64)
+    ours.add_argument("--num_workers", type=non_negative_int, default=4)
     ours.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     args = p.parse_args(argv)
     if args.mode != FID_MODE:

@@ -15,15 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `python scripts/metrics/...`
 from aptp.authors_metrics import resize_folder  # noqa: E402
-from diffcompress.cli import run  # noqa: E402
+from diffcompress.cli import ArgumentParser, positive_int, run  # noqa: E402
 from diffcompress.errors import UserError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="folder of images")
     p.add_argument("--output_dir", required=True, help="one <stem>.npy per image")
-    p.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("WIDTH", "HEIGHT"))
+    p.add_argument("--size", type=positive_int, nargs=2, default=[256, 256], metavar=("WIDTH", "HEIGHT"))
     args = p.parse_args(argv)
     if min(args.size) < 1:
         raise UserError(f"--size {args.size[0]} {args.size[1]}: expected two positive sizes, WIDTH HEIGHT")

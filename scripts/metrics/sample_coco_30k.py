@@ -17,15 +17,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `python scripts/metrics/...`
 from aptp.authors_metrics import sample_coco30k  # noqa: E402
 from aptp.data import COCO30K_SEED, COCO30K_SIZE  # noqa: E402
-from diffcompress.cli import run  # noqa: E402
+from diffcompress.cli import ArgumentParser, non_negative_int, positive_int, run  # noqa: E402
 from diffcompress.errors import UserError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="COCO 2014: annotations/captions_val2014.json, images/val2014/")
-    p.add_argument("--seed", type=int, default=COCO30K_SEED)
-    p.add_argument("--num_samples", type=int, default=COCO30K_SIZE)
+    p.add_argument("--seed", type=non_negative_int, default=COCO30K_SEED)
+    p.add_argument("--num_samples", type=positive_int, default=COCO30K_SIZE)
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise UserError(f"--num_samples must be positive, got {args.num_samples}")
