@@ -19,9 +19,7 @@ import json
 import logging as pylogging
 import math
 import pickle
-import pickletools
 import random
-import re
 import sys
 import time
 import zipfile
@@ -35,6 +33,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from diffcompress.checkpoint import code_message, code_references
 from diffcompress.errors import UserError
 from diffcompress.progress import progress_bar
 from diffcompress.trainer import StepSampler, _Preemption, step_seed
@@ -84,37 +83,12 @@ def read_state(folder: Path, name: str, types: dict[str, type | tuple[type, ...]
     return state
 
 
-def _pickle_globals(path: Path) -> list[str]:
-    """The ``module.name`` globals a pickle (plain, or torch's zip of ``data.pkl``) refers to, without running it."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
-                data = zf.read(name) if name else b""
-        else:
-            data = path.read_bytes()
-        found, strings = [], []
-        for op, arg, _ in pickletools.genops(data):
-            if op.name in ("GLOBAL", "INST"):
-                found.append(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
-            elif isinstance(arg, str):
-                strings.append(arg)
-        return found
-    except Exception:  # a truncated pickle: what was read before the break is all there is to say
-        return []
-
-
 def describe_load_error(path: Path, e: BaseException) -> str:
     """One line for a checkpoint file that would not load: code in a pickle is said as such, never as corruption."""
-    code = [g for g in _pickle_globals(path) if g.split(".")[0] not in _DATA_MODULES]
-    text = str(e)
-    if code or "GLOBAL" in text or "Unsupported global" in text:
-        named = re.search(r"(?:GLOBAL|global:?) ([\w.]+)", text)
-        what = code[0] if code else (named.group(1) if named else "a global")
-        return f"{path}: holds code ({what}), refused: a training state holds only tensors and numbers"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+    code = code_references(path, e, _DATA_MODULES)
+    if code:
+        return code_message(str(path), code)
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
     if path.is_file() and path.stat().st_size == 0:
         return f"{path}: is empty (0 bytes): the checkpoint was not written completely"
     return f"{path}: truncated or corrupt ({type(e).__name__}: {first[:160]})"

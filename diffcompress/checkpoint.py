@@ -89,7 +89,7 @@ def _read(path: Path, flag: str | None = None, what: str | None = None) -> Any:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load failing on a file is the file's fault: one line
         if code := code_references(path, e):
-            raise CheckpointError(_code_message(label, code)) from None
+            raise CheckpointError(code_message(label, code)) from None
         raise CheckpointError(_corrupt_message(path, e, label)) from None
     return obj
 
@@ -109,18 +109,21 @@ _STRING_OPS = {"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRI
 _MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
 
 
-def code_references(path: str | os.PathLike, error: BaseException | None = None) -> list[str]:
+def code_references(
+    path: str | os.PathLike, error: BaseException | None = None, data_modules: tuple[str, ...] = ()
+) -> list[str]:
     """The classes and functions a pickled checkpoint refers to beyond what ``torch.load(weights_only=True)``
     allows (``posix.system``, ``builtins.eval``, a user class...): what unpickling would import and run. Read from
     the pickle's opcodes (a zip-format torch file's ``data.pkl``, a legacy torch file, a plain pickle), never by
-    unpickling; and from ``error``, torch's refusal, in any of its versions' wordings."""
-    names = [n for n in _scan_globals(Path(path)) if not _allowed_global(n)]
+    unpickling; and from ``error``, torch's refusal, in any of its versions' wordings. ``data_modules``: top-level
+    modules also allowed (numpy for accelerate's RNG states)."""
+    names = [n for n in _scan_globals(Path(path)) if not _allowed_global(n) and n.split(".")[0] not in data_modules]
     if not names and isinstance(error, pickle.UnpicklingError) and _TORCH_CODE_PATTERNS.search(str(error)):
         names = _TORCH_GLOBAL_NAME.findall(str(error))[:1] or ["a class or function"]
     return list(dict.fromkeys(names))
 
 
-def _code_message(label: str, names: list[str]) -> str:
+def code_message(label: str, names: list[str]) -> str:
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     return (
         f"{label} holds code, refused: its pickle refers to {shown}, Python objects other than tensors that "

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.conftest import ScriptResult as Result
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # the classes of issue 21
@@ -21,17 +23,6 @@ NAMED = "the line names the file or flag"
 MALICIOUS = "malicious checkpoint"
 LEFTOVERS = "nothing left behind"
 CLASSES = (SILENT, TRACEBACK, NAMED, MALICIOUS, LEFTOVERS)
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def last_line(self) -> str:
-        return ([line for line in self.err.splitlines() if line.strip()] or [""])[-1]
 
 
 @dataclass
