@@ -84,15 +84,16 @@ def script(capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# `make test-fast` runs the tests not marked slow (pyproject.toml): those that start no process. A test that starts
-# one (a script, torchrun, accelerate, Slurm, bash) without the mark fails, so the split stays honest.
+# `make test-fast` runs the tests not marked slow (pyproject.toml): those that start no process and run no whole
+# pipeline end to end. A test that starts one (a script, torchrun, accelerate, Slurm, bash) without the mark fails,
+# so the split stays honest.
 
 
 # The longest files (measured with --durations, 2 workers) start first, so no worker is left with a long one at the
 # end while the other idles; the rest keep their order.
 LONGEST_FIRST = ["test_multinode.py", "test_slurm.py", "test_demo_aptp.py", "test_cluster_scripts.py",
-                 "test_train.py", "test_aptp_prune.py", "test_aptp_finetune.py", "test_extract_features.py",
-                 "test_digits.py"]  # fmt: skip
+                 "test_readme_commands.py", "test_bad_input.py", "test_train.py", "test_aptp_prune.py",
+                 "test_aptp_finetune.py", "test_extract_features.py", "test_digits.py"]  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):

@@ -96,6 +96,7 @@ def ran(result, module: str) -> list[str]:
     return words[4:]
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_the_four_readme_commands_chain(world, in_repo, script):
     configs, repo = world["configs"], in_repo
     # 1. pruning: the run goes into their run folder, <logging_dir>/<cwd's parent>/<config folder>/<stem>/<run>

@@ -417,6 +417,7 @@ def test_empty_expert_on_all_prompts_and_a_tiny_expert(world, tmp_path, in_proce
     assert checkpoint(out, 1, "state.json")["train_rows"] == 1 and (out / "expert").is_dir()
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_sigterm_and_resume_equal_the_uninterrupted_run_bit_for_bit(world, tmp_path, in_process, capsys):
     """Stopped by SIGTERM after 2 steps and resumed, fine-tuning ends with the expert, its EMA and the optimizer
     state of the run that was never stopped (every draw of a step is seeded by (seed, process, step))."""

@@ -131,6 +131,7 @@ def test_pipeline_routes_each_prompt_and_keeps_order(world, pipe):
     np.testing.assert_allclose(np.asarray(as_pil.images[1]) / 255, out.images[1], atol=1 / 255 + 1e-4, rtol=0)
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_finetuned_folders_are_used_and_missing_ones_fall_back(world, pipe, tmp_path, capsys):
     code = world["experts"][0]["code"]
     finetuned, _ = load_expert(world["prune_dir"] / "finetuning/expert_0/expert")
@@ -270,6 +271,7 @@ def test_bad_input_is_one_line(world, pipe, tmp_path, capsys):
     assert e.value.code == 2 and "argument --batch_size: expected a positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_generate_coco30k_routed_and_scored(world, pipe, tmp_path, capsys, monkeypatch):
     """`--coco30k`: the drawn captions routed to their experts, images named after the COCO images, resized as the
     authors did, their references beside them; aptp.evaluate reads both folders (and the COCO folder itself)."""

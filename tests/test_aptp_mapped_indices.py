@@ -214,6 +214,7 @@ def test_write_for_coco_tables(tmp_path):
     assert "not written: 2 captions" in note and not (tmp_path / "holes/coco_train_mapped_indices.pt").exists()
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_filter_writes_them_and_finetuning_runs_on_them_alone(tmp_path, capsys):
     from tests.test_aptp_finetune import make_experts_distinct  # 4 experts, captions of several
 

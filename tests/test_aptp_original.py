@@ -343,6 +343,7 @@ def test_bad_hypernet_is_one_line(world, tmp_path):
         assignments.load_router(bad, world["layout"])
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_pipeline_samples_their_released_variant(world, embeddings, capsys):
     _, captions = embeddings
     pipe = APTPPipeline.from_pretrained(
@@ -361,6 +362,7 @@ def test_pipeline_samples_their_released_variant(world, embeddings, capsys):
         assert torch.equal(tensor, direct.state_dict()[name]), name
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_convert_then_filter_calibrate_and_load(world, embeddings, tmp_path, capsys):
     """convert_original writes our layout; filtering by their rule equals numpy, calibration and our stages follow."""
     for name in ("cc3m_train_mapped_indices.pt",):  # their filtering output travels with the router
@@ -424,6 +426,7 @@ def make_hub_cache(cache, variant_dir, step: int) -> None:
         shutil.copytree(arch / f"checkpoint-{STEP}", target / arch.name / f"checkpoint-{step}")
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_hub_variant_asks_for_exactly_its_files(world, tmp_path, monkeypatch):
     import huggingface_hub
 

@@ -245,6 +245,7 @@ def test_a_router_without_calibration_is_calibrated_once(world, launched, tmp_pa
     assert json.loads((out / "filtered" / "train.json").read_text())["rows_per_expert"] == written["train_counts"]
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_sigterm_and_resume_equal_the_uninterrupted_run_bit_for_bit(world, tmp_path, in_process, capsys):
     """Every draw of a step (flips, timesteps, noise, the VAE's sample, the Gumbel noise, the data order) comes from
     (seed, process, step): stopped by SIGTERM and resumed, the run ends with the router, codes, calibration and

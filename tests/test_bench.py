@@ -62,6 +62,7 @@ def test_analytic_step_flops_match_torch_flop_counter(mode, checkpointing):
     )
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_training_benchmark_runs_every_step_kind(tmp_path):
     out = tmp_path / "training.json"
     args = training.parse_args(["--models", "DiT-Ti/4", "--image-size", "64", "--batch-size", "2", "--timed-steps", "1",
@@ -98,6 +99,7 @@ def test_evaluator_benchmark_runs(tmp_path):
     assert json.loads(out.read_text())["gflop_per_image"] == pytest.approx(evaluator.inception_flops(32) / 1e9)
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_interleaved_ab_runs(tmp_path):
     args = ab.parse_args(["--model", "DiT-Ti/4", "--image-size", "32", "--batch-size", "2", "--digits-batch-size", "2",
                           "--rounds", "1", "--experiments", "adamw", "ema", "precision", "attention", "sampling",

@@ -23,6 +23,7 @@ def table_rows(report: str) -> dict[str, list[str]]:
     return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_quick_demo_writes_a_full_report(tmp_path, capsys):
     out, data = tmp_path / "demo", tmp_path / "data"
     report = demo.main(demo.parse_args(["--quick", "--out", str(out), "--data", str(data), "--teacher", str(TEACHER)]))

@@ -154,6 +154,7 @@ def test_sentence_encoder_is_a_bag_of_concepts(tmp_path):
 # The shipped teacher and the demo
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_shipped_teacher_loads_strictly_and_draws_the_prompted_digits(classifier):
     sd = TEACHER / "sd"
     assert (sd / "model_index.json").is_file(), "assets/aptp-digits is missing: run make aptp-teacher"

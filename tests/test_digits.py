@@ -78,6 +78,7 @@ def test_metrics_at_their_extremes(evaluator, data):
     assert wrong["accuracy"] < 0.1 and wrong["fid"] == pytest.approx(real["fid"], abs=1e-6)  # labels: accuracy only
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_teacher_loads_strictly_and_draws_recognisable_digits(evaluator, data):
     assert TEACHER.is_file(), "assets/digits/teacher.safetensors is missing: run make teacher"
     meta = read_metadata(TEACHER)

@@ -191,6 +191,7 @@ def test_run_folder_prefix(home, capsys):
         resolve_checkpoint("outputs")
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_sample_script_downloads_a_released_checkpoint_by_name(home, server, monkeypatch, script):
     """sample.py --ckpt <released name>: fetched from the stand-in URL into the cache, loaded, sampled; then cached."""
     torch.manual_seed(0)

@@ -173,6 +173,7 @@ def low_rank_fid(x1, x2):
     return diff @ diff + (a * a).sum() + (b * b).sum() - 2 * np.linalg.svd(b @ a.T, compute_uv=False).sum()
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_precomputed_reference_statistics_are_used(batches, activations, tmp_path):
     # an ADM-format reference carrying mu/sigma/mu_s/sigma_s: those are used unless told otherwise. Here they are
     # the sample's own statistics, so FID and sFID are ~0 and precision/recall (from the images) stay exact.

@@ -186,6 +186,8 @@ class Row:
     before: Callable[[Path], None] | None = None
 
 
+pytestmark = pytest.mark.slow  # every row runs a whole script end to end
+
 ROWS = [
     Row("1. features", "torchrun --nnodes=1 --nproc_per_node=1 extract_features.py --model DiT-XL/2 "
         "--data-path data/imagenet/train --features-path data/imagenet_encoded", features_written, before=no_features),

@@ -134,6 +134,7 @@ def assert_same_state(a, b):
         assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
 
 
+@pytest.mark.slow  # a whole pipeline end to end
 def test_exact_resume(features, tmp_path):
     # 5 steps per epoch (48 // 8): step 3 is mid-epoch and the resumed run crosses an epoch boundary
     straight = run_train(features, tmp_path / "a", "--max-steps", "7", "--ckpt-every", "3")
